@@ -1,0 +1,230 @@
+"""The `thyroid-cad` command line: one entry point for every job.
+
+Heavy modules (TensorFlow, MLflow) are imported inside the commands that need them,
+so `--help` is instant and serving never loads TensorFlow. Results that scripts read
+(run ids, JSON) go to stdout; logs and Keras progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Thyroid nodule CAD: demo data, dataset audit, training, sweeps.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect and split datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("thyroid_cad")
+
+
+class Backbone(StrEnum):
+    tiny = "tiny"
+    vgg16 = "vgg16"
+    vgg19 = "vgg19"
+    resnet50 = "resnet50"
+    efficientnetb0 = "efficientnetb0"
+
+
+class Strategy(StrEnum):
+    frozen = "frozen"
+    partial = "partial"
+    full = "full"
+    two_phase = "two-phase"
+
+
+class Classifier(StrEnum):
+    softmax = "softmax"
+    svm = "svm"
+    rf = "rf"
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("mlflow", "alembic", "urllib3", "h5py", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn bad input into one clear line and exit status 2, not a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise fail(str(e).strip("'\"")) from e
+    except Exception as e:
+        if type(e).__name__ == "MlflowException":
+            raise fail(f"MLflow: {e}") from e
+        raise
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset to.")],
+    per_class: Annotated[int, typer.Option(help="Images per class.")] = 100,
+    classes: Annotated[int, typer.Option(help="2 (benign/malignant) or 3 (+ normal).")] = 2,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+):
+    """Write a SYNTHETIC ultrasound phantom dataset (not patient data) for demos and tests."""
+    from training import phantom
+
+    with user_errors():
+        counts = phantom.generate(out, per_class=per_class, classes=classes, seed=seed, size=size)
+    log.info("wrote synthetic phantom images to %s: %s", out, counts)
+    typer.echo(str(out))
+
+
+@data_app.command("audit")
+def data_audit(
+    root: Annotated[
+        Path, typer.Argument(help="Dataset root: ROOT/<class>/* or ROOT/<split>/<class>/*.")
+    ],
+    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+):
+    """Counts, sizes, unreadable files, exact and near duplicates, leaks across splits."""
+    from training import audit, data
+
+    with user_errors():
+        report = audit.audit(data.scan(root, manifest))
+    typer.echo(json.dumps(report, indent=1) if as_json else audit.format_report(report))
+
+
+@data_app.command("split")
+def data_split(
+    root: Annotated[Path, typer.Argument(help="Dataset root.")],
+    out: Annotated[Path, typer.Option(help="Where to write the split JSON.")] = Path("split.json"),
+    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+):
+    """Write a leak-free, stratified train/val/test split (what `train` does itself)."""
+    from training import data, splits
+
+    with user_errors():
+        split = splits.grouped_split(data.scan(root, manifest), val, test, seed)
+    split.save(out)
+    typer.echo(json.dumps({"split_id": split.split_id, "counts": split.to_json()["counts"]}))
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset root.")],
+    backbone: Annotated[Backbone, typer.Option(help="Convolutional base.")] = Backbone.tiny,
+    strategy: Annotated[Strategy, typer.Option(help="Fine-tuning strategy.")] = Strategy.full,
+    classifier: Annotated[
+        Classifier, typer.Option(help="Head: softmax, or SVM / RF on pooled features.")
+    ] = Classifier.softmax,
+    epochs: Annotated[int, typer.Option(help="Training epochs (two-phase: both phases).")] = 10,
+    image_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 224,
+    weights: Annotated[
+        str, typer.Option(help="'imagenet' (Keras cache), 'none', or a local weights file.")
+    ] = "none",
+    init_from: Annotated[
+        str | None, typer.Option(help="Start the backbone from this MLflow run's model.")
+    ] = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    unfreeze_blocks: Annotated[
+        int, typer.Option(help="Blocks from the top that 'partial' and 'two-phase' unfreeze.")
+    ] = 1,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Default: 1e-3, or 1e-4 when fine-tuning learned weights.")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the split, initialisation and augmentation.")
+    ] = 0,
+    max_images: Annotated[
+        int | None, typer.Option(help="Stratified subsample of the dataset (quick runs).")
+    ] = None,
+    target_sensitivity: Annotated[
+        float, typer.Option(help="Operating point chosen on validation.")
+    ] = 0.90,
+    progressive_via: Annotated[
+        Path | None,
+        typer.Option(help="Intermediate dataset (radiographs) for progressive transfer."),
+    ] = None,
+    via_epochs: Annotated[
+        int | None, typer.Option(help="Epochs on the intermediate dataset.")
+    ] = None,
+    via_max_images: Annotated[
+        int | None, typer.Option(help="Subsample of the intermediate dataset.")
+    ] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
+):
+    """Train one model and log it to MLflow; prints the run id last."""
+    from training.train import TrainConfig, train_progressive
+    from training.train import train as run
+
+    cfg = TrainConfig(
+        data=str(data),
+        backbone=backbone.value,
+        strategy=strategy.value,
+        classifier=classifier.value,
+        epochs=epochs,
+        image_size=image_size,
+        weights=weights,
+        init_from=init_from,
+        manifest=str(manifest) if manifest else None,
+        unfreeze_blocks=unfreeze_blocks,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        max_images=max_images,
+        target_sensitivity=target_sensitivity,
+        experiment=experiment,
+    )
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        if progressive_via:
+            run_id = train_progressive(cfg, str(progressive_via), via_epochs, None, via_max_images)
+        else:
+            run_id = run(cfg)
+    typer.echo(run_id)
+
+
+@app.command()
+def sweep(
+    config: Annotated[
+        Path, typer.Argument(help="YAML sweep configuration (see docs/training.md).")
+    ],
+    fresh: Annotated[
+        bool, typer.Option(help="Start a new sweep instead of resuming an unfinished one.")
+    ] = False,
+):
+    """Train a grid of backbone x strategy x classifier x stage; prints the parent run id last."""
+    from training import sweep as sweeps
+
+    with user_errors():
+        spec = sweeps.load_config(config)
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        parent_id, table = sweeps.run_sweep(spec, resume=not fresh)
+    typer.echo(table)
+    typer.echo(parent_id)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,121 @@
+"""Image decoding and preprocessing shared by training and serving.
+
+This is the one module both sides run, so a frame is prepared the same way when a
+model is trained and when it is served. Only numpy, Pillow and scipy: no TensorFlow.
+Intensity normalization is not done here; it lives inside the model graph, which
+takes raw 0-255 pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from scipy import ndimage
+
+# Bumped whenever prepare() changes output for the same input; recorded with every
+# run and model card so a served model is fed exactly what it was trained on.
+PREPROCESSING_VERSION = "1"
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+
+# Pixels darker than this (0-255 grey) count as background when looking for content.
+_BACKGROUND_LEVEL = 12
+# Opening radius that detaches thin rulers, calipers and burned-in text from tissue.
+_OPENING_SIZE = 7
+# A content box smaller than this fraction of the frame means cropping failed.
+_MIN_CONTENT_FRACTION = 0.1
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Open an image from a path or encoded bytes and load its pixels.
+
+    Raises:
+        OSError: the data cannot be decoded as an image (PIL.UnidentifiedImageError
+            is a subclass).
+    """
+    fp = io.BytesIO(source) if isinstance(source, bytes) else source
+    image = Image.open(fp)
+    image.load()
+    return image
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert any PIL mode (grey, 16-bit, float, palette, RGBA, CMYK) to uint8 HxWx3."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Deep grey images (16-bit exports, 12-bit DICOM): window to their own range.
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
+    """Bounding box (top, left, bottom, right) of the ultrasound content in a frame.
+
+    The scanner's frame, rulers and burned-in text are thin or sparse bright marks
+    on a dark background; the image content is one large connected bright region.
+    A morphological opening detaches the thin marks, and the largest connected
+    component gives the box. Falls back to the whole frame when nothing sensible
+    is found.
+    """
+    h, w = rgb.shape[:2]
+    grey = rgb.mean(axis=2)
+    mask = grey > _BACKGROUND_LEVEL
+    mask = ndimage.binary_opening(mask, structure=np.ones((_OPENING_SIZE, _OPENING_SIZE)))
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return 0, 0, h, w
+    sizes = np.bincount(labels.ravel())[1:]
+    biggest = int(np.argmax(sizes)) + 1
+    rows = np.flatnonzero((labels == biggest).any(axis=1))
+    cols = np.flatnonzero((labels == biggest).any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    if (bottom - top) * (right - left) < _MIN_CONTENT_FRACTION * h * w:
+        return 0, 0, h, w
+    return int(top), int(left), int(bottom), int(right)
+
+
+def crop_to_content(rgb: np.ndarray) -> np.ndarray:
+    """Crop a frame to its ultrasound content (see content_box)."""
+    top, left, bottom, right = content_box(rgb)
+    return rgb[top:bottom, left:right]
+
+
+def letterbox(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Resize to size x size keeping the aspect ratio, padding with black.
+
+    Aspect is kept on purpose: "taller than wide" is a TI-RADS malignancy feature,
+    and stretching frames of different shapes would distort it.
+    """
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = Image.fromarray(rgb).resize(
+        (new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0
+    )
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = np.asarray(resized)
+    return out
+
+
+def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The model's input: crop to content, then letterbox to size x size, uint8."""
+    if size < 8:
+        raise ValueError(f"image size must be at least 8 pixels, got {size}")
+    return letterbox(crop_to_content(rgb), size)
+
+
+def load_prepared(source: str | Path | bytes, size: int) -> np.ndarray:
+    """Decode, convert to RGB and prepare one image for a model of input size `size`."""
+    return prepare(to_rgb_array(open_image(source)), size)

@@ -1,0 +1,268 @@
+"""Backbones, the class-activation head, and the fine-tuning strategies of the thesis.
+
+Every model takes raw 0-255 RGB pixels (float32, N x S x S x 3): the backbone's own
+normalization is the first layer, so the exported graph needs no preprocessing
+outside it. The head is GlobalAveragePooling -> Dropout -> Dense in one layer that
+also returns the class activation maps, which for this head equal Grad-CAM up to a
+positive factor, so heatmaps come out of the same forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import keras
+from keras import layers, ops
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("tiny", "vgg16", "vgg19", "resnet50", "efficientnetb0")
+STRATEGIES = ("frozen", "partial", "full", "two-phase")
+
+# Block names of each backbone, input to output; a layer belongs to the block its
+# name starts with. Partial fine-tuning unfreezes the last N of these.
+BLOCKS = {
+    "tiny": ("block1", "block2", "block3"),
+    "vgg16": ("block1", "block2", "block3", "block4", "block5"),
+    "vgg19": ("block1", "block2", "block3", "block4", "block5"),
+    "resnet50": ("conv1", "conv2", "conv3", "conv4", "conv5"),
+    "efficientnetb0": (
+        "stem",
+        "block1",
+        "block2",
+        "block3",
+        "block4",
+        "block5",
+        "block6",
+        "block7",
+        "top",
+    ),
+}
+_KERAS_APPS = {
+    "vgg16": keras.applications.VGG16,
+    "vgg19": keras.applications.VGG19,
+    "resnet50": keras.applications.ResNet50,
+    "efficientnetb0": keras.applications.EfficientNetB0,
+}
+# Mean BGR pixel of ImageNet, subtracted by VGG and ResNet ("caffe" preprocessing).
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="thyroid_cad")
+class CaffePreprocess(layers.Layer):
+    """RGB 0-255 -> BGR minus the ImageNet mean, as VGG and ResNet50 expect."""
+
+    def call(self, x):
+        x = ops.flip(ops.cast(x, self.compute_dtype), axis=-1)
+        return x - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="thyroid_cad")
+class CamHead(layers.Layer):
+    """GAP -> Dropout -> Dense -> softmax(logits / T), plus class activation maps.
+
+    Returns (probabilities N x K, cam N x h x w x K) where cam[..., k] is
+    sum_c features[..., c] * kernel[c, k]. For this head the gradient of logit k with
+    respect to the feature map is kernel[:, k] / (h * w) everywhere, so Grad-CAM's
+    map, ReLU(sum_c alpha_c^k A^c), equals ReLU(cam[..., k]) / (h * w): exact,
+    gradient-free, computed in the forward pass. T is a temperature fitted on
+    validation data after training (1 until then) so the probabilities are calibrated.
+    """
+
+    def __init__(self, num_classes: int, dropout: float = 0.3, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # full precision even under mixed_float16
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.dropout_rate = dropout
+        self.dropout = layers.Dropout(dropout)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.kernel = self.add_weight(
+            name="kernel", shape=(channels, self.num_classes), initializer="glorot_uniform"
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.num_classes,), initializer="zeros")
+        self.temperature = self.add_weight(
+            name="temperature", shape=(), initializer="ones", trainable=False
+        )
+
+    def call(self, features, training=None):
+        features = ops.cast(features, "float32")
+        pooled = self.dropout(ops.mean(features, axis=(1, 2)), training=training)
+        logits = ops.matmul(pooled, self.kernel) + self.bias
+        probabilities = ops.softmax(logits / self.temperature, axis=-1)
+        cam = ops.einsum("bhwc,ck->bhwk", features, self.kernel)
+        return probabilities, cam
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = input_shape
+        return (n, self.num_classes), (n, h, w, self.num_classes)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "dropout": self.dropout_rate,
+        }
+
+
+def tiny_backbone(image_size: int) -> keras.Model:
+    """A three-block CNN for tests and quick demos (about 25k parameters)."""
+    inputs = keras.Input((image_size, image_size, 3))
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    for i, filters in enumerate((16, 32, 64), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+        # momentum 0.9: moving statistics settle within the few hundred steps of a small run
+        x = layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn")(x)
+        x = layers.Activation("relu", name=f"block{i}_relu")(x)
+        if i < 3:
+            x = layers.MaxPooling2D(name=f"block{i}_pool")(x)
+    return keras.Model(inputs, x, name="backbone")
+
+
+def resolve_weights(weights: str | None) -> str | None:
+    """'imagenet', 'none' or a local weights file -> what keras.applications takes."""
+    if weights in (None, "", "none"):
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ValueError(f"weights must be 'imagenet', 'none' or an existing file; got {weights!r}")
+    return str(path)
+
+
+def build_backbone(backbone: str, image_size: int, weights: str | None) -> keras.Model:
+    """The convolutional base, named 'backbone', with its normalization built in."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
+    if image_size < 32:
+        raise ValueError(f"image size must be at least 32 pixels, got {image_size}")
+    weights = resolve_weights(weights)
+    if backbone == "tiny":
+        if weights is not None:
+            raise ValueError("the tiny backbone has no pretrained weights; use --weights none")
+        return tiny_backbone(image_size)
+    try:
+        base = _KERAS_APPS[backbone](
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
+        )
+    except Exception as e:  # keras raises bare Exception / URL errors when offline
+        if weights == "imagenet":
+            home = os.environ.get("KERAS_HOME", "~/.keras")
+            raise ValueError(
+                f"ImageNet weights for {backbone} are not in the Keras cache ({home}/models) "
+                f"and cannot be downloaded here ({type(e).__name__}: {e}). Copy the *_notop.h5 "
+                "file there, or pass --weights PATH to a local weights file."
+            ) from e
+        raise
+    inputs = keras.Input((image_size, image_size, 3))
+    x = inputs if backbone == "efficientnetb0" else CaffePreprocess(name="caffe_preprocess")(inputs)
+    return keras.Model(inputs, base(x), name="backbone")
+
+
+def build_model(
+    backbone: str,
+    num_classes: int,
+    image_size: int,
+    weights: str | None = None,
+    dropout: float = 0.3,
+    bn_frozen: bool | None = None,
+) -> keras.Model:
+    """Backbone + CamHead; the model's output is the probabilities.
+
+    BatchNormalization runs in inference mode whenever the backbone starts from
+    learned weights (their statistics are worth keeping, and small batches would wreck
+    them); from scratch it trains as usual. `bn_frozen` overrides the choice (a backbone
+    about to receive a previous run's weights counts as pretrained).
+    """
+    if num_classes < 2:
+        raise ValueError(f"need at least two classes, got {num_classes}")
+    base = build_backbone(backbone, image_size, weights)
+    if bn_frozen is None:
+        bn_frozen = resolve_weights(weights) is not None
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    features = base(inputs, training=False) if bn_frozen else base(inputs)
+    probabilities, _ = CamHead(num_classes, dropout, name="cam_head")(features)
+    return keras.Model(inputs, probabilities, name=f"thyroid_{backbone}")
+
+
+def with_heatmaps(model: keras.Model) -> keras.Model:
+    """The same weights, returning {'probabilities', 'cam'}: what gets exported."""
+    head = model.get_layer("cam_head")
+    probabilities, cam = head.output
+    return keras.Model(model.inputs, {"probabilities": probabilities, "cam": cam})
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """Pooled deep features (N x C), the input of SVM and Random Forest classifiers."""
+    features = model.get_layer("cam_head").input
+    pooled = layers.GlobalAveragePooling2D(name="pooled_features")(features)
+    return keras.Model(model.inputs, pooled, name="features")
+
+
+def block_of(backbone: str, layer_name: str) -> str | None:
+    """The block a layer belongs to, or None (normalization, padding, input layers)."""
+    for block in BLOCKS[backbone]:
+        rest = layer_name[len(block) :]
+        if layer_name.startswith(block) and (
+            rest == "" or rest[0] == "_" or (block.startswith("block") and rest[0].isalpha())
+        ):  # 'block5_conv1' (VGG), 'conv5_block3_out' (ResNet), 'block6a_expand' (EfficientNet)
+            return block
+    return None
+
+
+def _leaf_layers(model: keras.Model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):  # a keras.applications base inside our wrapper
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def set_trainable(model: keras.Model, backbone: str, strategy: str, blocks: int = 1) -> list[str]:
+    """Freeze or unfreeze the backbone for a strategy; the head always trains.
+
+    Args:
+        strategy: 'frozen' (feature extraction), 'partial' (last `blocks` blocks) or
+            'full'. 'two-phase' is 'frozen' then 'partial', run by the trainer.
+        blocks: how many blocks, counted from the top, 'partial' unfreezes.
+
+    Returns:
+        The names of the blocks left trainable.
+    """
+    names = BLOCKS[backbone]
+    if strategy == "frozen":
+        open_blocks: tuple[str, ...] = ()
+    elif strategy == "partial":
+        if not 1 <= blocks <= len(names):
+            raise ValueError(f"{backbone} has blocks {names}; cannot unfreeze {blocks}")
+        open_blocks = names[-blocks:]
+    elif strategy == "full":
+        open_blocks = names
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES[:3]}")
+    base = model.get_layer("backbone")
+    base.trainable = bool(open_blocks)  # propagates to nested models and all their layers
+    for layer in _leaf_layers(base):
+        # Fine-tuning part of a net keeps BatchNormalization's scale and statistics.
+        keep_bn = isinstance(layer, layers.BatchNormalization) and strategy != "full"
+        layer.trainable = block_of(backbone, layer.name) in open_blocks and not keep_bn
+    return list(open_blocks)
+
+
+def copy_backbone(source: keras.Model, target: keras.Model) -> None:
+    """Start `target` from `source`'s backbone weights (progressive transfer)."""
+    src, dst = source.get_layer("backbone"), target.get_layer("backbone")
+    src_w, dst_w = src.get_weights(), dst.get_weights()
+    if len(src_w) != len(dst_w) or any(
+        a.shape != b.shape for a, b in zip(src_w, dst_w, strict=True)
+    ):
+        raise ValueError("the source run's backbone does not match this backbone")
+    dst.set_weights(src_w)
+
+
+def load(path: str | Path) -> keras.Model:
+    return keras.saving.load_model(path, compile=False)

@@ -1,0 +1,430 @@
+"""One training run, start to finish, recorded in MLflow.
+
+scan -> leak-free split -> decode once -> build backbone + head -> fine-tune by
+strategy -> (optional SVM / Random Forest on pooled deep features) -> calibrate ->
+choose the operating threshold on validation -> evaluate on test -> log everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from thyroid_cad.imaging import PREPROCESSING_VERSION
+from training import evaluate, models, pipeline, tracking
+from training.audit import inspect_all
+from training.data import Dataset, scan
+from training.splits import grouped_split
+
+log = logging.getLogger(__name__)
+
+CLASSIFIERS = ("softmax", "svm", "rf")
+STAGES = ("thyroid", "radiograph")
+POSITIVE_CLASS = "malignant"
+# Sources with fewer test images than this are pooled as 'other' in per-source metrics.
+MIN_SOURCE_IMAGES = 20
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; every field is logged as an MLflow parameter."""
+
+    data: str
+    backbone: str = "tiny"
+    strategy: str = "full"
+    classifier: str = "softmax"
+    epochs: int = 10
+    image_size: int = 224
+    weights: str = "none"
+    init_from: str | None = None
+    manifest: str | None = None
+    batch_size: int = 32
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    unfreeze_blocks: int = 1
+    learning_rate: float | None = None
+    patience: int = 5
+    target_sensitivity: float = 0.90
+    augment: bool = True
+    max_images: int | None = None
+    stage: str = "thyroid"
+    experiment: str = "thyroid-cad"
+    run_name: str | None = None
+
+    def validate(self) -> None:
+        if self.backbone not in models.BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose from {models.BACKBONES}")
+        if self.strategy not in models.STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {models.STRATEGIES}")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"unknown classifier {self.classifier!r}; choose from {CLASSIFIERS}")
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose from {STAGES}")
+        if self.epochs < 1 and not (self.strategy == "frozen" and self.classifier != "softmax"):
+            raise ValueError("epochs must be at least 1")
+        if self.image_size < 32:
+            raise ValueError(f"image size must be at least 32 pixels, got {self.image_size}")
+        if not 0 < self.target_sensitivity < 1:
+            raise ValueError("target sensitivity must be between 0 and 1")
+        if self.strategy == "two-phase" and self.epochs < 2:
+            raise ValueError("two-phase fine-tuning needs at least 2 epochs")
+        models.resolve_weights(self.weights)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.init_from is not None or models.resolve_weights(self.weights) is not None
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Per-epoch training metrics to MLflow; keeps counting across fine-tuning phases."""
+
+    def __init__(self, history: dict[str, list[float]], offset: int = 0):
+        super().__init__()
+        self.history = history
+        self.offset = offset
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+        mlflow.log_metrics({f"epoch_{k}": v for k, v in logs.items()}, step=self.offset + epoch)
+
+
+def _subsample(dataset: Dataset, max_images: int | None, seed: int) -> Dataset:
+    if not max_images or max_images >= len(dataset.records):
+        return dataset
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(dataset.labels)
+    keep: list[int] = []
+    for c in np.unique(labels):  # stratified, so rare classes survive
+        idx = np.flatnonzero(labels == c)
+        n = max(1, round(max_images * len(idx) / len(labels)))
+        keep += rng.choice(idx, size=min(n, len(idx)), replace=False).tolist()
+    return dataset.subset(sorted(keep))
+
+
+def _class_weights(y: np.ndarray, k: int) -> dict[int, float]:
+    counts = np.bincount(y, minlength=k).astype(float)
+    return {i: float(len(y) / (k * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+def _compile(model: keras.Model, learning_rate: float, num_classes: int) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+
+def _fit(model, cfg: TrainConfig, train_ds, val_ds, class_weight, history) -> None:
+    """Fine-tune by strategy; two-phase warms the head up frozen, then opens the top."""
+    k = model.output.shape[-1]
+    lr = cfg.learning_rate or (1e-4 if cfg.pretrained and cfg.strategy != "frozen" else 1e-3)
+    phases = (
+        [
+            ("frozen", max(1, cfg.epochs // 3), lr * 10 if cfg.learning_rate is None else lr),
+            ("partial", cfg.epochs - max(1, cfg.epochs // 3), lr / 10),
+        ]
+        if cfg.strategy == "two-phase"
+        else [(cfg.strategy, cfg.epochs, lr)]
+    )
+    done = 0
+    for strategy, epochs, rate in phases:
+        opened = models.set_trainable(model, cfg.backbone, strategy, cfg.unfreeze_blocks)
+        log.info(
+            "phase %s: %d epochs at lr %g, trainable blocks %s", strategy, epochs, rate, opened
+        )
+        _compile(model, rate, k)
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=epochs,
+            class_weight=class_weight,
+            verbose=2,
+            callbacks=[
+                MlflowEpochLogger(history, offset=done),
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=cfg.patience, restore_best_weights=True
+                ),
+            ],
+        )
+        done += epochs
+
+
+def _sklearn_classifier(kind: str, seed: int):
+    if kind == "svm":
+        return make_pipeline(
+            StandardScaler(),
+            SVC(kernel="rbf", C=1.0, probability=True, class_weight="balanced", random_state=seed),
+        )
+    return RandomForestClassifier(
+        n_estimators=500, class_weight="balanced", min_samples_leaf=2, random_state=seed, n_jobs=-1
+    )
+
+
+def _source_of(size: tuple[int, int] | None, common: set[str]) -> str:
+    key = f"{size[0]}x{size[1]}" if size else "unknown"
+    return key if key in common else "other"
+
+
+def _shortcut_auc(sizes_train, y_train, sizes_test, y_test, positive: int) -> float:
+    """AUC of a classifier that sees only the pixel dimensions: the scanner shortcut floor."""
+    clf = RandomForestClassifier(n_estimators=200, min_samples_leaf=3, random_state=0)
+    clf.fit(np.asarray(sizes_train, float), y_train)
+    scores = clf.predict_proba(np.asarray(sizes_test, float))
+    col = list(clf.classes_).index(positive) if positive in clf.classes_ else None
+    if col is None:
+        return float("nan")
+    return evaluate.bootstrap_auc_ci(y_test == positive, scores[:, col], n_boot=1)[0]
+
+
+def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None = None) -> str:
+    """Run one training job and return its MLflow run id.
+
+    Raises:
+        ValueError (DataError included): the configuration or the data cannot be used.
+    """
+    cfg.validate()
+    keras.utils.set_random_seed(cfg.seed)
+    if tf.config.list_physical_devices("GPU"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    dataset = _subsample(scan(cfg.data, cfg.manifest), cfg.max_images, cfg.seed)
+    infos = inspect_all(dataset)
+    split = grouped_split(dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed, infos)
+    idx = {name: split.indices(name) for name in ("train", "val", "test")}
+    if any(len(v) == 0 for v in idx.values()):
+        raise ValueError(f"split left an empty part: { {k: len(v) for k, v in idx.items()} }")
+    class_names = dataset.class_names
+    k = len(class_names)
+    positive = class_names.index(POSITIVE_CLASS) if POSITIVE_CLASS in class_names else k - 1
+    labels = np.asarray(dataset.labels)
+    used = sorted(i for v in idx.values() for i in v)
+    images = pipeline.load_images(
+        [dataset.records[i].path for i in used], [dataset.sha256()[i] for i in used], cfg.image_size
+    )
+    row = {i: r for r, i in enumerate(used)}
+    x = {s: images[[row[i] for i in v]] for s, v in idx.items()}
+    y = {s: labels[v] for s, v in idx.items()}
+
+    tracking.setup(cfg.experiment)
+    run_name = cfg.run_name or f"{cfg.stage}-{cfg.backbone}-{cfg.strategy}-{cfg.classifier}"
+    with mlflow.start_run(
+        run_name=run_name, parent_run_id=parent_run_id, nested=parent_run_id is not None, tags=tags
+    ) as run:
+        mlflow.log_params(
+            {
+                **{f: v for f, v in asdict(cfg).items() if f not in ("experiment", "run_name")},
+                "class_names": ",".join(class_names),
+                "positive_class": class_names[positive],
+                "dataset_fingerprint": dataset.fingerprint(),
+                "split_id": split.split_id,
+                "preprocessing_version": PREPROCESSING_VERSION,
+                "n_train": len(idx["train"]),
+                "n_val": len(idx["val"]),
+                "n_test": len(idx["test"]),
+                "n_dropped_duplicates": len(split.dropped),
+            }
+        )
+        mlflow.set_tags({"stage": cfg.stage, "backbone": cfg.backbone, **(tags or {})})
+        with tempfile.TemporaryDirectory() as tmp:
+            split_path = Path(tmp) / "split.json"
+            split.save(split_path)
+            mlflow.log_artifact(str(split_path))
+
+        model = models.build_model(
+            cfg.backbone, k, cfg.image_size, cfg.weights, bn_frozen=cfg.pretrained
+        )
+        if cfg.init_from:
+            source = _load_run_model(cfg.init_from)
+            models.copy_backbone(source, model)
+            mlflow.set_tag("init_from", cfg.init_from)
+
+        history: dict[str, list[float]] = {}
+        ds = {
+            s: pipeline.make_dataset(
+                x[s],
+                y[s],
+                k,
+                cfg.batch_size,
+                training=(s == "train"),
+                augment=cfg.augment,
+                seed=cfg.seed,
+            )
+            for s in x
+        }
+        trains_network = not (cfg.classifier != "softmax" and cfg.strategy == "frozen")
+        if trains_network:
+            _fit(model, cfg, ds["train"], ds["val"], _class_weights(y["train"], k), history)
+
+        extra: dict = {}
+        if cfg.classifier == "softmax":
+            probs = {
+                s: model.predict(pipeline.make_dataset(x[s], None, k, cfg.batch_size), verbose=0)
+                for s in ("val", "test")
+            }
+            raw_ece = evaluate.expected_calibration_error(y["val"], probs["val"])
+            temperature = evaluate.fit_temperature(
+                np.log(np.clip(probs["val"], 1e-12, 1)), y["val"]
+            )
+            model.get_layer("cam_head").temperature.assign(temperature)
+            probs = {s: evaluate.apply_temperature(p, temperature) for s, p in probs.items()}
+            mlflow.log_metrics({"temperature": temperature, "val_ece_uncalibrated": raw_ece})
+            extra["temperature"] = temperature
+        else:
+            features = models.feature_extractor(model)
+            feats = {
+                s: features.predict(pipeline.make_dataset(x[s], None, k, cfg.batch_size), verbose=0)
+                for s in x
+            }
+            clf = _sklearn_classifier(cfg.classifier, cfg.seed).fit(feats["train"], y["train"])
+            probs = {s: clf.predict_proba(feats[s]) for s in ("val", "test")}
+
+        val = evaluate.evaluate(
+            y["val"],
+            probs["val"],
+            class_names,
+            target_sensitivity=cfg.target_sensitivity,
+            positive=class_names[positive],
+            seed=cfg.seed,
+        )
+        test = evaluate.evaluate(
+            y["test"],
+            probs["test"],
+            class_names,
+            threshold=val["threshold"],
+            positive=class_names[positive],
+            seed=cfg.seed,
+        )
+        metrics = {
+            **{f"val_{m}": v for m, v in val.items()},
+            **{f"test_{m}": v for m, v in test.items()},
+        }
+
+        # How far image dimensions alone get (scanner shortcut), and results per source.
+        sizes = [infos[i].size for i in range(len(infos))]
+        metrics["test_shortcut_auc"] = _shortcut_auc(
+            [sizes[i] for i in idx["train"]],
+            y["train"],
+            [sizes[i] for i in idx["test"]],
+            y["test"],
+            positive,
+        )
+        counts = Counter(f"{sizes[i][0]}x{sizes[i][1]}" for i in idx["test"] if sizes[i])
+        common = {s for s, n in counts.items() if n >= MIN_SOURCE_IMAGES}
+        sources = np.array([_source_of(sizes[i], common) for i in idx["test"]])
+        for source in sorted(set(sources)):
+            mask = sources == source
+            auc = evaluate.bootstrap_auc_ci(
+                y["test"][mask] == positive, probs["test"][mask, positive], n_boot=1
+            )[0]
+            metrics[f"test_auc_source_{source}"] = auc
+        mlflow.log_metrics({m: float(v) for m, v in metrics.items() if np.isfinite(v)})
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp)
+            plots = evaluate.save_plots(
+                tmp_path / "plots",
+                y["test"],
+                probs["test"],
+                class_names,
+                val["threshold"],
+                history=history or None,
+                positive=class_names[positive],
+            )
+            mlflow.log_artifacts(str(tmp_path / "plots"), "plots")
+            confusion = {s: evaluate.confusion(y[s], probs[s]).tolist() for s in ("val", "test")}
+            (tmp_path / "confusion.json").write_text(
+                json.dumps({"class_names": list(class_names), **confusion}, indent=1)
+            )
+            mlflow.log_artifact(str(tmp_path / "confusion.json"))
+
+            model_dir = tmp_path / "model"
+            model_dir.mkdir()
+            model.save(model_dir / "model.keras")
+            if cfg.classifier != "softmax":
+                with open(model_dir / "classifier.pkl", "wb") as f:
+                    pickle.dump(clf, f)
+            info = {
+                "backbone": cfg.backbone,
+                "strategy": cfg.strategy,
+                "classifier": cfg.classifier,
+                "stage": cfg.stage,
+                "class_names": list(class_names),
+                "positive_class": class_names[positive],
+                "image_size": cfg.image_size,
+                "preprocessing_version": PREPROCESSING_VERSION,
+                "threshold": val["threshold"],
+                "target_sensitivity": cfg.target_sensitivity,
+                "dataset_fingerprint": dataset.fingerprint(),
+                "split_id": split.split_id,
+                **extra,
+            }
+            (model_dir / "info.json").write_text(json.dumps(info, indent=1))
+            mlflow.log_artifacts(str(model_dir), "model")
+            log.info("logged %d plots and the model to run %s", len(plots), run.info.run_id)
+        return run.info.run_id
+
+
+def _load_run_model(run_id: str) -> keras.Model:
+    """The Keras model a previous run logged (progressive transfer starts from it)."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.keras")
+    except Exception as e:  # MlflowException / OSError: unknown run or no model logged
+        raise ValueError(f"cannot load a model from run {run_id}: {e}") from e
+    return models.load(path)
+
+
+def train_progressive(
+    cfg: TrainConfig,
+    via: str,
+    via_epochs: int | None = None,
+    via_manifest: str | None = None,
+    via_max_images: int | None = None,
+) -> str:
+    """ImageNet (or none) -> radiographs -> thyroid: a parent run with one child per stage.
+
+    The radiograph stage fine-tunes the whole network on the intermediate dataset; the
+    thyroid stage starts from its backbone and uses the configured strategy and
+    classifier. Returns the parent run id (the thyroid child carries the model).
+    """
+    cfg.validate()
+    tracking.setup(cfg.experiment)
+    name = cfg.run_name or f"progressive-{cfg.backbone}-{cfg.strategy}-{cfg.classifier}"
+    with mlflow.start_run(run_name=name, tags={"stage": "progressive"}) as parent:
+        mlflow.log_params(
+            {"backbone": cfg.backbone, "via": via, "data": cfg.data, "weights": cfg.weights}
+        )
+        stage1 = replace(
+            cfg,
+            data=via,
+            manifest=via_manifest,
+            stage="radiograph",
+            strategy="full",
+            classifier="softmax",
+            epochs=via_epochs or cfg.epochs,
+            max_images=via_max_images,
+            run_name=f"radiograph-{cfg.backbone}",
+        )
+        stage1_id = train(stage1, parent_run_id=parent.info.run_id)
+        stage2 = replace(cfg, init_from=stage1_id, run_name=None)
+        stage2_id = train(stage2, parent_run_id=parent.info.run_id)
+        mlflow.set_tags({"radiograph_run": stage1_id, "thyroid_run": stage2_id})
+        final = mlflow.get_run(stage2_id).data.metrics
+        mlflow.log_metrics({m: v for m, v in final.items() if m.startswith(("val_", "test_"))})
+        return parent.info.run_id
