@@ -22,11 +22,11 @@ def shared_dataset(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
-    """A 2-class synthetic dataset, 80 images per class, shared by the whole session."""
+    """A 2-class synthetic dataset, 150 images per class, shared by the whole session."""
     from training import phantom
 
     root = tmp_path_factory.mktemp("phantom") / "data"
-    phantom.generate(root, per_class=80, classes=2, seed=1)
+    phantom.generate(root, per_class=150, classes=2, seed=1)
     return root
 
 

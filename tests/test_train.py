@@ -90,7 +90,8 @@ def test_run_logs_params_split_plots_and_model(home, softmax_run, phantom_root):
     for line in (phantom_root / "manifest.csv").read_text().splitlines()[1:]:
         image, case = line.split(",")
         cases.setdefault(case, set()).add(split["assignment"][image])
-    assert all(len(s - {"dropped"}) == 1 for s in cases.values())
+    assert all(len(s - {"dropped"}) <= 1 for s in cases.values())  # never on two sides
+    assert sum(len(s - {"dropped"}) == 1 for s in cases.values()) > 0.8 * len(cases)
     info = json.load(
         open(
             mlflow.artifacts.download_artifacts(
@@ -208,5 +209,5 @@ def test_cli_audit_json(phantom_root, session_home):
     result = _cli("data", "audit", str(phantom_root), "--json", env_home=session_home)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert report["images"] == 160 and report["classes"] == {"benign": 80, "malignant": 80}
+    assert report["images"] == 300 and report["classes"] == {"benign": 150, "malignant": 150}
     assert report["exact_duplicate_groups"] == [] and report["cross_split_groups"] == []

@@ -94,14 +94,29 @@ def near_duplicate_pairs(phashes: list[int | None], max_bits: int = NEAR_DUPLICA
     return pairs
 
 
+@dataclass
+class Leakage:
+    """How images are tied together: what must stay on one side of a split."""
+
+    exact: list[list[int]]  # byte-identical groups
+    near: list[list[int]]  # near-duplicate groups (transitive), more than one exact group
+    near_pairs: list[tuple[int, int]]  # the direct near-duplicate links
+    group: list[int]  # leakage group id per image: case, exact and near links, transitively
+
+    def label_conflicts(self, labels: list[str]) -> list[list[int]]:
+        """Exact groups and direct near pairs whose images disagree on the label.
+
+        Only direct links count: a transitive near-duplicate chain can join frames that
+        are not alike at all, and one odd link must not condemn the whole chain.
+        """
+        linked = self.exact + [list(p) for p in self.near_pairs]
+        return [g for g in linked if len({labels[i] for i in g}) > 1]
+
+
 def leakage_groups(
     dataset: Dataset, infos: list[ImageInfo], max_bits: int = NEAR_DUPLICATE_BITS
-) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    """(exact groups, near groups, group id per image) for grouped splitting.
-
-    The group id joins images that share a case, a content hash or a near-duplicate
-    link, transitively: each group must land on one side of a split.
-    """
+) -> Leakage:
+    """Find exact and near duplicates and join them with the manifest's cases."""
     n = len(dataset.records)
     uf = UnionFind(n)
     exact = exact_duplicate_groups(dataset.sha256())
@@ -109,7 +124,8 @@ def leakage_groups(
         for j in group[1:]:
             uf.union(group[0], j)
     near_uf = UnionFind(n)
-    for i, j in near_duplicate_pairs([info.phash for info in infos], max_bits):
+    pairs = near_duplicate_pairs([info.phash for info in infos], max_bits)
+    for i, j in pairs:
         uf.union(i, j)
         near_uf.union(i, j)
     by_case: dict[str, list[int]] = defaultdict(list)
@@ -120,17 +136,16 @@ def leakage_groups(
         for j in members[1:]:
             uf.union(members[0], j)
     shas = dataset.sha256()
-    # A near-duplicate group is only reported when it is more than one exact group.
     near = [g for g in near_uf.groups() if len(g) > 1 and len({shas[i] for i in g}) > 1]
-    roots = [uf.find(i) for i in range(n)]
-    return exact, near, roots
+    return Leakage(exact, near, pairs, [uf.find(i) for i in range(n)])
 
 
 def audit(dataset: Dataset, max_bits: int = NEAR_DUPLICATE_BITS) -> dict:
     """Everything a person should know about a dataset before training on it."""
     infos = inspect_all(dataset)
     records = dataset.records
-    exact, near, _ = leakage_groups(dataset, infos, max_bits)
+    leakage = leakage_groups(dataset, infos, max_bits)
+    exact, near = leakage.exact, leakage.near
 
     def paths(group: list[int]) -> list[str]:
         return sorted(records[i].rel for i in group)

@@ -24,7 +24,7 @@ STRATEGIES = ("frozen", "partial", "full", "two-phase")
 # Block names of each backbone, input to output; a layer belongs to the block its
 # name starts with. Partial fine-tuning unfreezes the last N of these.
 BLOCKS = {
-    "tiny": ("block1", "block2", "block3"),
+    "tiny": ("block1", "block2", "block3", "block4"),
     "vgg16": ("block1", "block2", "block3", "block4", "block5"),
     "vgg19": ("block1", "block2", "block3", "block4", "block5"),
     "resnet50": ("conv1", "conv2", "conv3", "conv4", "conv5"),
@@ -109,15 +109,15 @@ class CamHead(layers.Layer):
 
 
 def tiny_backbone(image_size: int) -> keras.Model:
-    """A three-block CNN for tests and quick demos (about 25k parameters)."""
+    """A four-block CNN for tests and quick demos (about 100k parameters)."""
     inputs = keras.Input((image_size, image_size, 3))
     x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    for i, filters in enumerate((16, 32, 64), start=1):
+    for i, filters in enumerate((16, 32, 64, 96), start=1):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
-        # momentum 0.9: moving statistics settle within the few hundred steps of a small run
-        x = layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn")(x)
+        # momentum 0.8: moving statistics settle within the few hundred steps of a small run
+        x = layers.BatchNormalization(momentum=0.8, name=f"block{i}_bn")(x)
         x = layers.Activation("relu", name=f"block{i}_relu")(x)
-        if i < 3:
+        if i < 4:
             x = layers.MaxPooling2D(name=f"block{i}_pool")(x)
     return keras.Model(inputs, x, name="backbone")
 

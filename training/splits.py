@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.audit import ImageInfo, exact_duplicate_groups, inspect_all, leakage_groups
+from training.audit import ImageInfo, Leakage, inspect_all, leakage_groups
 from training.data import Dataset
 
 SPLITS = ("train", "val", "test")
@@ -99,20 +99,29 @@ class Split:
             json.dump(self.to_json(), f, indent=1, sort_keys=True)
 
 
-def duplicates_to_drop(dataset: Dataset, near_groups: list[list[int]]) -> dict[int, str]:
+def duplicates_to_drop(dataset: Dataset, leakage: Leakage) -> dict[int, str]:
     """Index -> reason for images left out: extra exact copies, label conflicts."""
     records = dataset.records
     drop: dict[int, str] = {}
-    for group in exact_duplicate_groups(dataset.sha256()) + near_groups:
-        if len({records[i].label for i in group}) > 1:
-            for i in group:
-                drop[i] = "duplicates disagree on the label"
-    for group in exact_duplicate_groups(dataset.sha256()):
+    for group in leakage.label_conflicts([r.label for r in records]):
+        for i in group:
+            drop[i] = "duplicates disagree on the label"
+    for group in leakage.exact:
         keep = min(group, key=lambda i: records[i].rel)
         for i in group:
             if i != keep and i not in drop:
                 drop[i] = f"exact duplicate of {records[keep].rel}"
     return drop
+
+
+def _usable(dataset: Dataset, infos: list[ImageInfo] | None) -> tuple[list[int], list[int], dict]:
+    """(kept indices, group id per image, dropped index -> reason)."""
+    infos = infos if infos is not None else inspect_all(dataset)
+    leakage = leakage_groups(dataset, infos)
+    drop = duplicates_to_drop(dataset, leakage)
+    drop.update({i: f"unreadable: {info.error}" for i, info in enumerate(infos) if info.error})
+    keep = [i for i in range(len(dataset.records)) if i not in drop]
+    return keep, leakage.group, drop
 
 
 def grouped_split(
@@ -125,13 +134,7 @@ def grouped_split(
     """Stratified train/val/test split that keeps each leakage group on one side."""
     if not (0 <= val < 1 and 0 < test < 1 and val + test < 1):
         raise ValueError(f"need 0 <= val, 0 < test and val + test < 1; got val={val} test={test}")
-    infos = infos if infos is not None else inspect_all(dataset)
-    _, near, groups = leakage_groups(dataset, infos)
-    drop = duplicates_to_drop(dataset, near)
-    for i, info in enumerate(infos):
-        if info.error:
-            drop[i] = f"unreadable: {info.error}"
-    keep = [i for i in range(len(dataset.records)) if i not in drop]
+    keep, groups, drop = _usable(dataset, infos)
     labels = dataset.labels
     parts = assign_groups(
         [labels[i] for i in keep], [groups[i] for i in keep], [1 - val - test, val, test], seed
@@ -155,11 +158,7 @@ def grouped_kfold(
     """Fold (0..k-1) of every image, -1 for images dropped as duplicates or unreadable."""
     if k < 2:
         raise ValueError(f"k-fold needs k >= 2, got {k}")
-    infos = infos if infos is not None else inspect_all(dataset)
-    _, near, groups = leakage_groups(dataset, infos)
-    drop = duplicates_to_drop(dataset, near)
-    drop.update({i: "unreadable" for i, info in enumerate(infos) if info.error})
-    keep = [i for i in range(len(dataset.records)) if i not in drop]
+    keep, groups, _ = _usable(dataset, infos)
     labels = dataset.labels
     parts = assign_groups([labels[i] for i in keep], [groups[i] for i in keep], [1.0] * k, seed)
     folds = [-1] * len(dataset.records)

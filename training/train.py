@@ -37,6 +37,8 @@ STAGES = ("thyroid", "radiograph")
 POSITIVE_CLASS = "malignant"
 # Sources with fewer test images than this are pooled as 'other' in per-source metrics.
 MIN_SOURCE_IMAGES = 20
+# Temperatures outside this range are clipped (see where it is fitted).
+TEMPERATURE_RANGE = (0.25, 10.0)
 
 
 @dataclass
@@ -279,9 +281,11 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 for s in ("val", "test")
             }
             raw_ece = evaluate.expected_calibration_error(y["val"], probs["val"])
-            temperature = evaluate.fit_temperature(
-                np.log(np.clip(probs["val"], 1e-12, 1)), y["val"]
-            )
+            fitted = evaluate.fit_temperature(np.log(np.clip(probs["val"], 1e-12, 1)), y["val"])
+            # A validation set the model separates perfectly drives the NLL optimum to T -> 0,
+            # which saturates probabilities at exactly 0 and 1 and ruins the threshold.
+            temperature = float(np.clip(fitted, *TEMPERATURE_RANGE))
+            mlflow.log_metric("temperature_fitted", fitted)
             model.get_layer("cam_head").temperature.assign(temperature)
             probs = {s: evaluate.apply_temperature(p, temperature) for s, p in probs.items()}
             mlflow.log_metrics({"temperature": temperature, "val_ece_uncalibrated": raw_ece})
