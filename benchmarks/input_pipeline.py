@@ -33,10 +33,21 @@ def seed_generator_epochs(data: Path, size: int, batch: int, epochs: int) -> lis
     # Keras 3 keeps the class only under legacy; it is what the seed notebooks called.
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
-    gen = ImageDataGenerator(rotation_range=10, zoom_range=0.1, width_shift_range=0.05,
-                             height_shift_range=0.05, horizontal_flip=True)
-    flow = gen.flow_from_directory(str(data), target_size=(size, size), batch_size=batch,
-                                   class_mode="categorical", shuffle=True, seed=0)
+    gen = ImageDataGenerator(
+        rotation_range=10,
+        zoom_range=0.1,
+        width_shift_range=0.05,
+        height_shift_range=0.05,
+        horizontal_flip=True,
+    )
+    flow = gen.flow_from_directory(
+        str(data),
+        target_size=(size, size),
+        batch_size=batch,
+        class_mode="categorical",
+        shuffle=True,
+        seed=0,
+    )
     rates = []
     for _ in range(epochs):
         t0, n = time.perf_counter(), 0
@@ -47,7 +58,9 @@ def seed_generator_epochs(data: Path, size: int, batch: int, epochs: int) -> lis
     return rates
 
 
-def our_pipeline_epochs(data: Path, size: int, batch: int, epochs: int) -> tuple[float, list[float]]:
+def our_pipeline_epochs(
+    data: Path, size: int, batch: int, epochs: int
+) -> tuple[float, list[float]]:
     """(images/s of the first epoch including decode + cache, images/s of later epochs)."""
     import numpy as np
 
@@ -95,18 +108,23 @@ def main() -> None:
     ours_first, ours = our_pipeline_epochs(data, args.size, args.batch, args.epochs)
     seed = seed_generator_epochs(data, args.size, args.batch, args.epochs)
     seed_med, ours_med = statistics.median(seed), statistics.median(ours)
-    n_images = sum(1 for p in data.rglob("*") if p.is_file() and p.suffix.lower() in
-                   {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
-    table = "\n".join([
-        "| pipeline | images/s (median of epochs) | ratio vs ImageDataGenerator |",
-        "|---|---|---|",
-        f"| seeds: `ImageDataGenerator.flow_from_directory` (decode + augment every epoch) "
-        f"| {seed_med:.0f} | 1.00 |",
-        f"| ours, first epoch (decode + crop + cache, then augment) | {ours_first:.0f} "
-        f"| {ours_first / seed_med:.2f} |",
-        f"| ours, later epochs (cached tensors, tf.data augment + prefetch) | {ours_med:.0f} "
-        f"| {ours_med / seed_med:.2f} |",
-    ])
+    n_images = sum(
+        1
+        for p in data.rglob("*")
+        if p.is_file() and p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+    )
+    table = "\n".join(
+        [
+            "| pipeline | images/s (median of epochs) | ratio vs ImageDataGenerator |",
+            "|---|---|---|",
+            f"| seeds: `ImageDataGenerator.flow_from_directory` (decode + augment every epoch) "
+            f"| {seed_med:.0f} | 1.00 |",
+            f"| ours, first epoch (decode + crop + cache, then augment) | {ours_first:.0f} "
+            f"| {ours_first / seed_med:.2f} |",
+            f"| ours, later epochs (cached tensors, tf.data augment + prefetch) | {ours_med:.0f} "
+            f"| {ours_med / seed_med:.2f} |",
+        ]
+    )
     text = f"""# Benchmarks
 
 ## Training input pipeline
@@ -122,8 +140,8 @@ over to other machines.
 
 Our first epoch also crops every frame to its content (the seeds did not), so it does
 more work per image than the generator; every later epoch reads the cache. Per-epoch
-rates: ImageDataGenerator {', '.join(f'{r:.0f}' for r in seed)}; ours
-{', '.join(f'{r:.0f}' for r in ours)}.
+rates: ImageDataGenerator {", ".join(f"{r:.0f}" for r in seed)}; ours
+{", ".join(f"{r:.0f}" for r in ours)}.
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -12,12 +12,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def shared_dataset(name: str) -> Path:
+def _shared_dataset(name: str) -> Path:
     """A folder of ../shared/data, or skip the test saying why."""
     path = SHARED_DATA / name
     if not path.is_dir():
         pytest.skip(f"real data not available: {path} is absent (only on dev and CI machines)")
     return path
+
+
+@pytest.fixture(scope="session")
+def thyroid_seed() -> Path:
+    """The thesis's 795 real ultrasound images (skips where ../shared/data is absent)."""
+    return _shared_dataset("thyroid-seed")
 
 
 @pytest.fixture(scope="session")

@@ -40,8 +40,8 @@ def test_strategies_open_the_right_layers(backbone):
 
 def test_partial_rejects_too_many_blocks():
     model = models.build_model("tiny", 2, 32)
-    with pytest.raises(ValueError, match="cannot unfreeze 4"):
-        models.set_trainable(model, "tiny", "partial", blocks=4)
+    with pytest.raises(ValueError, match="cannot unfreeze 5"):
+        models.set_trainable(model, "tiny", "partial", blocks=5)
 
 
 def test_cam_equals_gradcam_from_gradient_tape():

@@ -149,8 +149,9 @@ def _sample_nodule(label: str, rng: np.random.Generator, lobe: tuple) -> _Nodule
             "hyper": float(rng.uniform(1.7, 2.6)),
             "cystic": float(rng.uniform(0.01, 0.04)),
         }[kind]
-        harmonics = [(k, float(rng.uniform(0.0, 0.03)), float(rng.uniform(0, 2 * np.pi)))
-                     for k in (2, 3)]
+        harmonics = [
+            (k, float(rng.uniform(0.0, 0.03)), float(rng.uniform(0, 2 * np.pi))) for k in (2, 3)
+        ]
         spicules = None
         edge = float(rng.uniform(0.002, 0.004))
         halo = float(rng.uniform(0.006, 0.012)) if kind == "iso" else 0.0
@@ -161,12 +162,17 @@ def _sample_nodule(label: str, rng: np.random.Generator, lobe: tuple) -> _Nodule
         ay = float(rng.uniform(0.085, 0.15))
         ax = ay * float(rng.uniform(0.55, 0.85))
         echo = float(rng.uniform(0.08, 0.25))
-        harmonics = [(int(k), float(rng.uniform(0.04, 0.12)), float(rng.uniform(0, 2 * np.pi)))
-                     for k in rng.choice(np.arange(2, 8), size=3, replace=False)]
+        harmonics = [
+            (int(k), float(rng.uniform(0.04, 0.12)), float(rng.uniform(0, 2 * np.pi)))
+            for k in rng.choice(np.arange(2, 8), size=3, replace=False)
+        ]
         spicules = None
         if rng.random() < 0.6:
-            spicules = (int(rng.integers(9, 18)), float(rng.uniform(0.15, 0.35)),
-                        float(rng.uniform(0, 2 * np.pi)))
+            spicules = (
+                int(rng.integers(9, 18)),
+                float(rng.uniform(0.15, 0.35)),
+                float(rng.uniform(0, 2 * np.pi)),
+            )
         edge = float(rng.uniform(0.004, 0.008))
         halo = 0.0
         posterior = float(rng.uniform(0.35, 0.65)) if rng.random() < 0.45 else 1.0
@@ -184,8 +190,9 @@ def _sample_nodule(label: str, rng: np.random.Generator, lobe: tuple) -> _Nodule
     ext_y = max(ax, ay) * 1.1
     cx = lcx + float(rng.uniform(-1, 1)) * max(lax - ext_x, 0.0) * 0.7
     cy = lcy + float(rng.uniform(-1, 1)) * max(lay - ext_y, 0.0) * 0.6
-    return _Nodule(kind, cx, cy, ax, ay, angle, echo, harmonics, spicules, edge, halo,
-                   posterior, calcs)
+    return _Nodule(
+        kind, cx, cy, ax, ay, angle, echo, harmonics, spicules, edge, halo, posterior, calcs
+    )
 
 
 def _sample_case(label: str, rng: np.random.Generator) -> _Case:
@@ -453,8 +460,9 @@ def _render(case: _Case, rng: np.random.Generator, s: int, shift: tuple[float, f
             "kind": nod.kind,
             "taller_than_wide": h > w,
             "echogenic_foci": len(nod.calcs),
-            "posterior": ("enhancement" if nod.posterior > 1 else
-                          "shadowing" if nod.posterior < 1 else "none"),
+            "posterior": (
+                "enhancement" if nod.posterior > 1 else "shadowing" if nod.posterior < 1 else "none"
+            ),
             "spiculated": nod.spicules is not None,
         }
 
@@ -497,7 +505,7 @@ def _burn_in(img: np.ndarray, case: _Case, s: int) -> None:
     y0, x0 = 1, max(1, s // 64)
     h = min(block.shape[0], avail_h)
     w = min(block.shape[1], s // 2)
-    img[y0:y0 + h, x0:x0 + w][block[:h, :w]] = 235
+    img[y0 : y0 + h, x0 : x0 + w][block[:h, :w]] = 235
 
     # ruler: tick marks along the right edge of the field of view
     gap = max(2, s // 64)
@@ -511,7 +519,7 @@ def _burn_in(img: np.ndarray, case: _Case, s: int) -> None:
         y = int(round(t_px + i * step))
         length = major_len if i % 5 == 0 else minor_len
         y1 = min(y + thick, s)
-        img[y:y1, x_start:min(x_start + length, s)] = 220 if i % 5 == 0 else 170
+        img[y:y1, x_start : min(x_start + length, s)] = 220 if i % 5 == 0 else 170
 
 
 # --------------------------------------------------------------------------- #
@@ -558,8 +566,12 @@ def _is_previous_phantom(out: Path) -> bool:
             return False
         if len(rel) == 1 and rel[0] in ("README.txt", "manifest.csv"):
             continue
-        if (len(rel) == 2 and rel[0] in _LABEL_CODE and _PNG_RE.match(rel[1])
-                and rel[1].startswith(rel[0] + "_")):
+        if (
+            len(rel) == 2
+            and rel[0] in _LABEL_CODE
+            and _PNG_RE.match(rel[1])
+            and rel[1].startswith(rel[0] + "_")
+        ):
             continue
         return False
     return True
@@ -576,14 +588,16 @@ def _clear_previous_phantom(out: Path) -> None:
             d.rmdir()
 
 
-def _readme(classes: int, per_class: int, seed: int, size: int, counts: dict | None,
-            n_cases: int | None) -> str:
+def _readme(
+    classes: int, per_class: int, seed: int, size: int, counts: dict | None, n_cases: int | None
+) -> str:
     if counts is None:
         summary = "Images: (generation incomplete)\n"
     else:
         names = ", ".join(f"{k}={v}" for k, v in counts.items())
-        summary = (f"Images: {names} ({n_cases} cases; images of one case share a case_id "
-                   "and label).\n")
+        summary = (
+            f"Images: {names} ({n_cases} cases; images of one case share a case_id and label).\n"
+        )
     return (
         f"{README_FIRST_LINE}\n"
         "\n"
@@ -610,11 +624,13 @@ def generate(out: Path, per_class: int, classes: int = 2, seed: int = 0, size: i
     a non-empty ``out`` is only accepted (and replaced) if it holds nothing but a
     previous phantom, otherwise ``ValueError`` is raised.
     """  # noqa: E501
-    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) \
-            or classes not in (2, 3):
+    if (
+        isinstance(classes, bool)
+        or not isinstance(classes, (int, np.integer))
+        or classes not in (2, 3)
+    ):
         raise ValueError(f"classes must be 2 or 3, got {classes!r}")
-    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) \
-            or per_class < 1:
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
         raise ValueError(f"per_class must be an integer >= 1, got {per_class!r}")
     _check_size(size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -652,8 +668,11 @@ def generate(out: Path, per_class: int, classes: int = 2, seed: int = 0, size: i
             n_img = min(int(rng.integers(1, 4)), per_class - i)
             case_id = f"phantom-{name}-{case_no:04d}"
             for j in range(n_img):
-                shift = (0.0, 0.0) if j == 0 else tuple(
-                    float(v) for v in rng.uniform(-0.02, 0.02, size=2) * size)
+                shift = (
+                    (0.0, 0.0)
+                    if j == 0
+                    else tuple(float(v) for v in rng.uniform(-0.02, 0.02, size=2) * size)
+                )
                 frame = _render(case, rng, size, shift)
                 fname = f"{name}_{i:04d}.png"
                 Image.fromarray(frame.image).save(cdir / fname, format="PNG", compress_level=3)

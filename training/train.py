@@ -19,6 +19,7 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -170,9 +171,10 @@ def _fit(model, cfg: TrainConfig, train_ds, val_ds, class_weight, history) -> No
 
 def _sklearn_classifier(kind: str, seed: int):
     if kind == "svm":
+        # Platt scaling fitted on cross-validated decisions, one SVC refitted on all data.
+        svc = SVC(kernel="rbf", C=1.0, class_weight="balanced", random_state=seed)
         return make_pipeline(
-            StandardScaler(),
-            SVC(kernel="rbf", C=1.0, probability=True, class_weight="balanced", random_state=seed),
+            StandardScaler(), CalibratedClassifierCV(svc, method="sigmoid", ensemble=False)
         )
     return RandomForestClassifier(
         n_estimators=500, class_weight="balanced", min_samples_leaf=2, random_state=seed, n_jobs=-1
