@@ -25,6 +25,12 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect and split datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+registry_app = typer.Typer(
+    help="MLflow model registry: versions, aliases (champion, challenger), promotion gate.",
+    no_args_is_help=True,
+)
+app.add_typer(registry_app, name="registry")
+ModelName = Annotated[str, typer.Option("--name", help="Registered model name.")]
 
 log = logging.getLogger("thyroid_cad")
 
@@ -72,10 +78,12 @@ def user_errors():
     """Turn bad input into one clear line and exit status 2, not a traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise fail(str(e).strip("'\"")) from e
+    except KeyError as e:
+        raise fail(f"missing {e}") from e
+    except (ValueError, FileNotFoundError) as e:
+        raise fail(str(e)) from e
     except Exception as e:
-        if type(e).__name__ == "MlflowException":
+        if type(e).__name__ in ("MlflowException", "RestException"):
             raise fail(f"MLflow: {e}") from e
         raise
 
@@ -224,6 +232,139 @@ def sweep(
         parent_id, table = sweeps.run_sweep(spec, resume=not fresh)
     typer.echo(table)
     typer.echo(parent_id)
+
+
+@app.command()
+def export(
+    run_id: Annotated[str, typer.Argument(help="Training run (or progressive / sweep parent).")],
+    out: Annotated[Path, typer.Option(help="Folder for model.onnx and model_card.json.")] = Path(
+        "export"
+    ),
+):
+    """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card."""
+    from training import export as exporter
+    from training import tracking
+
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        tracking.setup_uri()
+        card = exporter.export_run(run_id, out)
+    parity = card["parity"]
+    log.info("parity %s: %s", "passed" if parity["passed"] else "FAILED", json.dumps(parity))
+    typer.echo(str(out / "model.onnx"))
+    if not parity["passed"]:
+        raise fail(
+            "the exported model failed its parity check; the registry will refuse to promote it",
+            code=1,
+        )
+
+
+@registry_app.command("register")
+def registry_register(
+    directory: Annotated[Path, typer.Argument(help="Folder written by `thyroid-cad export`.")],
+    name: ModelName = "thyroid-nodule-classifier",
+):
+    """Log an exported model (MLflow ONNX flavor) and register a new version; prints it last."""
+    from registry import store
+
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        version = store.register(directory, name)
+    typer.echo(str(version))
+
+
+@registry_app.command("list")
+def registry_list(
+    name: ModelName = "thyroid-nodule-classifier",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+):
+    """Versions with their aliases, validation AUC, parity result and source run."""
+    from registry import store
+
+    with user_errors():
+        versions = [v.to_json() for v in store.list_versions(name)]
+    if as_json:
+        typer.echo(json.dumps(versions, indent=1))
+        return
+    for v in versions:
+        auc = f"{v['val_auc']:.3f}" if v["val_auc"] is not None else "-"
+        typer.echo(
+            f"v{v['version']:<4} {','.join(v['aliases']) or '-':<20} val_auc {auc}  "
+            f"parity {'ok' if v['parity_passed'] else 'FAILED'}  run {v['source_run_id']}"
+        )
+
+
+@registry_app.command("show")
+def registry_show(
+    version: Annotated[int, typer.Argument(help="Version number.")],
+    name: ModelName = "thyroid-nodule-classifier",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+):
+    """One version in full."""
+    from registry import store
+
+    with user_errors():
+        info = store.show(version, name).to_json()
+    typer.echo(
+        json.dumps(info, indent=1)
+        if as_json
+        else "\n".join(f"{k}: {v}" for k, v in info.items() if k != "tags")
+    )
+
+
+@registry_app.command("promote")
+def registry_promote(
+    version: Annotated[int, typer.Argument(help="Version to promote.")],
+    alias: Annotated[
+        str, typer.Option(help="champion, challenger, or another alias.")
+    ] = "champion",
+    force: Annotated[bool, typer.Option(help="Override the gate (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why; recorded in the registry.")] = None,
+    name: ModelName = "thyroid-nodule-classifier",
+):
+    """Point an alias at a version; refused if parity failed or validation AUC is lower."""
+    from registry import store
+
+    with user_errors():
+        event = store.promote(version, alias, name, force=force, reason=reason)
+    typer.echo(json.dumps(event))
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    alias: Annotated[str, typer.Option(help="Alias to move back.")] = "champion",
+    reason: Annotated[str | None, typer.Option(help="Why; recorded in the registry.")] = None,
+    name: ModelName = "thyroid-nodule-classifier",
+):
+    """Point the alias back at the version it held before the current one."""
+    from registry import store
+
+    with user_errors():
+        event = store.rollback(alias, name, reason)
+    typer.echo(json.dumps(event))
+
+
+@registry_app.command("resolve")
+def registry_resolve(
+    reference: Annotated[str, typer.Argument(help="NAME@ALIAS or NAME/VERSION.")],
+    out: Annotated[Path, typer.Option(help="Folder for model.onnx and model_card.json.")] = Path(
+        "model"
+    ),
+):
+    """Download (cached by version and SHA-256) the ONNX file and card a reference names."""
+    from registry import store
+
+    with user_errors():
+        resolved = store.resolve(reference, out)
+    typer.echo(
+        json.dumps(
+            {
+                "name": resolved.name,
+                "version": resolved.version,
+                "alias": resolved.alias,
+                "sha256": resolved.card["sha256"],
+                "out": str(out),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def feature_extractor(model: keras.Model) -> keras.Model:
     """Pooled deep features (N x C), the input of SVM and Random Forest classifiers."""
     features = model.get_layer("cam_head").input
     pooled = layers.GlobalAveragePooling2D(name="pooled_features")(features)
-    return keras.Model(model.inputs, pooled, name="features")
+    return keras.Model(model.inputs, pooled, name="feature_extractor")
 
 
 def block_of(backbone: str, layer_name: str) -> str | None:

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 
 from thyroid_cad import settings
+
+
+def setup_uri() -> str:
+    """Point MLflow at the configured store (no experiment needed: exports, lookups)."""
+    uri = settings.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def setup(experiment: str) -> str:
@@ -16,13 +25,12 @@ def setup(experiment: str) -> str:
     Returns:
         The experiment id.
     """
-    uri = settings.tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = setup_uri()
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         mlflow.set_experiment(experiment_id=found.experiment_id)
         return found.experiment_id
-    local = uri.startswith("sqlite:") and "MLFLOW_TRACKING_URI" not in __import__("os").environ
+    local = uri.startswith("sqlite:") and "MLFLOW_TRACKING_URI" not in os.environ
     experiment_id = mlflow.create_experiment(
         experiment, artifact_location=settings.artifact_root() if local else None
     )
