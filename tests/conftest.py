@@ -50,3 +50,39 @@ def home(session_home, monkeypatch) -> Path:
     monkeypatch.setenv("THYROID_CAD_HOME", str(session_home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return session_home
+
+
+@pytest.fixture(scope="session")
+def tiny_run(phantom_root, session_home) -> str:
+    """A tiny softmax model trained on the phantom, logged to the session's MLflow store."""
+    from training.train import TrainConfig, train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("THYROID_CAD_HOME", str(session_home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        return train(
+            TrainConfig(
+                data=str(phantom_root),
+                backbone="tiny",
+                strategy="full",
+                epochs=15,
+                image_size=64,
+                batch_size=16,
+                experiment="tests",
+                patience=6,
+            )
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, session_home, tmp_path_factory) -> Path:
+    """`thyroid-cad export` of tiny_run: a folder with model.onnx and model_card.json."""
+    from training import export, tracking
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("THYROID_CAD_HOME", str(session_home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tracking.setup_uri()
+        export.export_run(tiny_run, out)
+    return out

@@ -39,13 +39,8 @@ def _cfg(data, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def softmax_run(phantom_root, session_home):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("THYROID_CAD_HOME", str(session_home))
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run_id = train(_cfg(phantom_root))
-    yield run_id
-    mp.undo()
+def softmax_run(tiny_run):
+    return tiny_run
 
 
 def test_tiny_backbone_learns_the_phantom(home, softmax_run):
