@@ -10,7 +10,7 @@ install: $(BIN)/thyroid-cad
 $(BIN)/thyroid-cad: pyproject.toml
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check uv
 	$(PYTHON) -m uv venv --quiet --allow-existing --python 3.11 $(VENV)
-	VIRTUAL_ENV=$(VENV) $(PYTHON) -m uv pip install --quiet -e '.[train,dev]'
+	VIRTUAL_ENV=$(VENV) $(PYTHON) -m uv pip install --quiet -e '.[train,serve,dev]'
 	touch $@
 
 # Synthetic phantom -> small model trained and logged to the local MLflow store.

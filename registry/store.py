@@ -42,6 +42,20 @@ class RegistryError(ValueError):
     """A registry request that cannot be done; the message says why."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry did not answer (network, server down): a cached model may serve."""
+
+
+# Error codes with which a registry that did answer says "no such model / alias".
+_ANSWERED = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST"}
+
+
+def _lookup_error(uri: str, e: MlflowException) -> RegistryError:
+    if getattr(e, "error_code", "") in _ANSWERED:
+        return RegistryError(f"{uri} not found in the registry: {e.message}")
+    return RegistryUnavailable(f"registry unavailable while resolving {uri}: {e.message}")
+
+
 def client() -> MlflowClient:
     return MlflowClient(tracking_uri=settings.tracking_uri(), registry_uri=settings.tracking_uri())
 
@@ -104,7 +118,9 @@ def register(directory: Path, name: str = DEFAULT_NAME) -> int:
     import onnx
 
     onnx_path, card = read_export(directory)
+    # register_model uses the process-wide registry URI: pin it to the store we work on.
     mlflow.set_tracking_uri(settings.tracking_uri())
+    mlflow.set_registry_uri(settings.tracking_uri())
     c = client()
     source = card.get("source_run_id")
     try:
@@ -385,7 +401,7 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
             else c.get_model_version(name, str(version))
         )
     except MlflowException as e:
-        raise RegistryError(f"{uri} not found in the registry: {e}") from e
+        raise _lookup_error(uri, e) from e
     sha = (mv.tags or {}).get("sha256", "")
     target = cache_root() / name / f"{mv.version}-{sha[:12]}"
     hit = (target / "model.onnx").is_file() and _sha256(target / "model.onnx") == sha
@@ -395,7 +411,7 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
             try:
                 local = Path(_download(mv, tmp))
             except MlflowException as e:
-                raise RegistryError(f"cannot download {uri}: {e}") from e
+                raise RegistryUnavailable(f"cannot download {uri}: {e.message}") from e
             meta = yaml.safe_load((local / "MLmodel").read_text())
             card = (meta.get("metadata") or {}).get("model_card")
             if card is None:

@@ -52,14 +52,22 @@ def home(session_home, monkeypatch) -> Path:
     return session_home
 
 
+def _isolate(mp: pytest.MonkeyPatch, home_dir: Path) -> None:
+    """Point everything at home_dir; MLflow copies its URIs into os.environ, so set them
+    through the monkeypatch, which then removes them again on exit."""
+    mp.setenv("THYROID_CAD_HOME", str(home_dir))
+    uri = f"sqlite:///{home_dir / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("MLFLOW_REGISTRY_URI", uri)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(phantom_root, session_home) -> str:
     """A tiny softmax model trained on the phantom, logged to the session's MLflow store."""
     from training.train import TrainConfig, train
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("THYROID_CAD_HOME", str(session_home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        _isolate(mp, session_home)
         return train(
             TrainConfig(
                 data=str(phantom_root),
@@ -81,8 +89,7 @@ def tiny_export(tiny_run, session_home, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("export") / "tiny"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("THYROID_CAD_HOME", str(session_home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        _isolate(mp, session_home)
         tracking.setup_uri()
         export.export_run(tiny_run, out)
     return out

@@ -84,3 +84,17 @@ def test_undecodable_bytes_raise_oserror():
 def test_prepare_rejects_tiny_size():
     with pytest.raises(ValueError, match="at least 8"):
         imaging.prepare(_frame(), 4)
+
+
+def test_geometry_maps_the_square_back_onto_the_frame():
+    rgb = _frame()
+    square, geometry = imaging.prepare_with_geometry(rgb, 64)
+    np.testing.assert_array_equal(square, imaging.prepare(rgb, 64))
+    ones = np.zeros((64, 64), np.float32)
+    pt, pl, ph, pw = geometry.placed
+    ones[pt : pt + ph, pl : pl + pw] = 1.0
+    back = imaging.to_original(ones, geometry)
+    assert back.shape == rgb.shape[:2]
+    top, left, bottom, right = geometry.box
+    assert back[top:bottom, left:right].min() > 0.99  # content maps onto the content box
+    assert back.sum() == pytest.approx((bottom - top) * (right - left), rel=0.01)

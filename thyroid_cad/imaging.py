@@ -9,6 +9,7 @@ takes raw 0-255 pixels.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,44 @@ def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
     if size < 8:
         raise ValueError(f"image size must be at least 8 pixels, got {size}")
     return letterbox(crop_to_content(rgb), size)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model's square input came from in the original frame."""
+
+    height: int  # original frame
+    width: int
+    box: tuple[int, int, int, int]  # content box (top, left, bottom, right) in the frame
+    placed: tuple[int, int, int, int]  # content (top, left, height, width) in the square
+    size: int
+
+
+def prepare_with_geometry(rgb: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
+    """prepare(), plus what it takes to map a map on the square back onto the frame."""
+    box = content_box(rgb)
+    top, left, bottom, right = box
+    square = letterbox(rgb[top:bottom, left:right], size)
+    h, w = bottom - top, right - left
+    scale = size / max(h, w)
+    ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
+    placed = ((size - ph) // 2, (size - pw) // 2, ph, pw)
+    return square, Geometry(rgb.shape[0], rgb.shape[1], box, placed, size)
+
+
+def to_original(square_map: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A float map over the model's square input -> the same map over the original frame.
+
+    Padding is cut away, the content part is resized to the content box, and the area
+    outside the box (the scanner's frame) is zero.
+    """
+    pt, pl, ph, pw = geometry.placed
+    top, left, bottom, right = geometry.box
+    content = Image.fromarray(square_map[pt : pt + ph, pl : pl + pw].astype(np.float32), mode="F")
+    resized = np.asarray(content.resize((right - left, bottom - top), Image.Resampling.BILINEAR))
+    out = np.zeros((geometry.height, geometry.width), dtype=np.float32)
+    out[top:bottom, left:right] = resized
+    return out
 
 
 def load_prepared(source: str | Path | bytes, size: int) -> np.ndarray:

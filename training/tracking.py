@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import mlflow
 
 from thyroid_cad import settings
@@ -30,7 +28,7 @@ def setup(experiment: str) -> str:
     if found is not None:
         mlflow.set_experiment(experiment_id=found.experiment_id)
         return found.experiment_id
-    local = uri.startswith("sqlite:") and "MLFLOW_TRACKING_URI" not in os.environ
+    local = uri.startswith("sqlite:")
     experiment_id = mlflow.create_experiment(
         experiment, artifact_location=settings.artifact_root() if local else None
     )

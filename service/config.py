@@ -1,0 +1,56 @@
+"""Service settings: environment variables prefixed THYROID_CAD_, plus DATABASE_URL.
+
+Built once per process by get_settings() (cached), never at import time.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from thyroid_cad import settings as paths
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="THYROID_CAD_", extra="ignore")
+
+    model: str = Field(
+        "thyroid-nodule-classifier@champion",
+        description="Registry reference served by /v1/predict (NAME@ALIAS).",
+    )
+    extra_aliases: list[str] = Field(
+        ["challenger"], description="Other aliases kept loaded when they exist."
+    )
+    poll_interval_s: float = Field(30.0, description="How often the aliases are re-resolved.")
+    max_loaded_models: int = Field(4, description="Bound on sessions held in memory.")
+    providers: list[str] = Field(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="onnxruntime providers, in order of preference.",
+    )
+    database_url: str = Field(
+        "",
+        validation_alias=AliasChoices("DATABASE_URL", "THYROID_CAD_DATABASE_URL"),
+        description="Request audit database (SQLAlchemy URL); default SQLite in the home folder.",
+    )
+    spool_dir: Path | None = Field(
+        None, description="Audit records wait here while the DB is down."
+    )
+    require_api_key: bool = Field(True, description="Predict and admin routes need a key.")
+    public_health: bool = Field(True, description="Health and readiness routes need no key.")
+    public_metrics: bool = Field(True, description="/metrics needs no key.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted upload.")
+    max_image_pixels: int = Field(40_000_000, description="Largest accepted width x height.")
+
+    def audit_url(self) -> str:
+        return self.database_url or f"sqlite:///{paths.home() / 'requests.db'}"
+
+    def audit_spool(self) -> Path:
+        return self.spool_dir or paths.home() / "audit-spool"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
