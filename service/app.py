@@ -13,9 +13,8 @@ import io
 import logging
 import os
 import time
-import uuid
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import decoding
 from service.config import Settings, get_settings
+from service.deps import AdminKey, Audited, PredictKey, health_scope, metrics_scope
 from service.errors import (
     ApiError,
     api_error_handler,
@@ -190,6 +190,28 @@ class Metrics:
             self.swaps.inc()
 
 
+def _migrate_when_possible(audit) -> None:
+    """Create or upgrade the audit tables; if the database is down, keep trying in the
+    background while requests are served and their records spooled."""
+    try:
+        audit.migrate()
+        return
+    except Exception as e:  # noqa: BLE001 - any driver error means "not now"
+        log.warning("audit database unavailable at start (%s); records will be spooled", e)
+
+    def retry() -> None:
+        while True:
+            time.sleep(5)
+            try:
+                audit.migrate()
+                log.info("audit database is back; migrated")
+                return
+            except Exception:  # noqa: BLE001
+                continue
+
+    threading.Thread(target=retry, daemon=True, name="audit-migrate").start()
+
+
 # -- app ----------------------------------------------------------------------------
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models and the database are opened in its lifespan."""
@@ -203,7 +225,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from service.db import AuditStore
 
         audit = AuditStore(settings.audit_url(), settings.audit_spool())
-        audit.migrate()
+        _migrate_when_possible(audit)
         audit.start_replayer()
         metrics = Metrics()
         manager = ModelManager(
@@ -240,63 +262,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     oip.add_routes(app, settings)
     return app
-
-
-# -- auth ---------------------------------------------------------------------------
-KEY_CACHE_S = 300.0
-
-
-def authorize(request: Request, scope: str):
-    """The caller's API key if it grants `scope` ('predict' or 'admin'), else 401/403.
-
-    Verified keys are remembered for a few minutes so a database outage does not lock
-    out clients that were already talking to the service.
-    """
-    settings: Settings = request.app.state.settings
-    if not settings.require_api_key:
-        return None
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("bearer ") or not header[7:].strip():
-        raise ApiError(401, "missing_api_key", "send 'Authorization: Bearer <API key>'")
-    token = header[7:].strip()
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    cache = request.app.state.key_cache
-    hit = cache.get(digest)
-    if hit and time.monotonic() - hit[1] < KEY_CACHE_S:
-        key = hit[0]
-    else:
-        try:
-            key = request.app.state.audit.verify_key(token)
-        except Exception as e:  # the key store is the database; it may be down
-            raise ApiError(503, "auth_unavailable", "cannot verify API keys right now") from e
-        if key is None:
-            raise ApiError(401, "invalid_api_key", "unknown or revoked API key")
-        cache[digest] = (key, time.monotonic())
-    if scope == "admin" and key.scope != "admin":
-        raise ApiError(403, "forbidden", "this route needs an admin key")
-    return key
-
-
-def predict_scope(request: Request):
-    return authorize(request, "predict")
-
-
-def admin_scope(request: Request):
-    return authorize(request, "admin")
-
-
-def health_scope(request: Request):
-    if not request.app.state.settings.public_health:
-        authorize(request, "predict")
-
-
-def metrics_scope(request: Request):
-    if not request.app.state.settings.public_metrics:
-        authorize(request, "admin")
-
-
-PredictKey = Annotated[object, Depends(predict_scope)]
-AdminKey = Annotated[object, Depends(admin_scope)]
 
 
 # -- predict ------------------------------------------------------------------------
@@ -386,31 +351,6 @@ async def read_upload(file: UploadFile, limit: int) -> bytes:
     if len(data) > limit:
         raise ApiError(413, "file_too_large", f"upload exceeds {limit} bytes")
     return data
-
-
-class Audited:
-    """Collects what the audit record of one predict request needs, and writes it."""
-
-    def __init__(self, request: Request, route: str, key):
-        self.request, self.route = request, route
-        self.record: dict = {
-            "request_id": uuid.uuid4().hex,
-            "created_at": datetime.now(UTC),
-            "api_key_id": getattr(key, "id", None),
-            "route": route,
-        }
-        self.start = time.perf_counter()
-
-    def finish(self, status: int, error_code: str | None = None, model_version=None) -> None:
-        app = self.request.app
-        self.record.update(status_code=status, error_code=error_code)
-        app.state.audit.record(self.record)
-        version = str(model_version or self.record.get("model_version") or "none")
-        elapsed = time.perf_counter() - self.start
-        app.state.metrics.requests.labels(self.route, version, str(status)).inc()
-        app.state.metrics.latency.labels(self.route, version).observe(elapsed)
-        if error_code:
-            app.state.metrics.errors.labels(self.route, error_code).inc()
 
 
 async def predict_upload(

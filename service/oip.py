@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 
 from service import decoding
 from service.config import Settings
+from service.deps import Audited, PredictKey, health_scope
 from service.errors import ApiError
 from service.models import LoadedModel
 from thyroid_cad import imaging
@@ -125,8 +126,6 @@ def _batch(
 
 
 def add_routes(app: FastAPI, settings: Settings) -> None:
-    from service.app import Audited, PredictKey, health_scope
-
     health = [Depends(health_scope)]
 
     @app.get("/v2/health/live", tags=["v2"], dependencies=health)

@@ -93,3 +93,42 @@ def tiny_export(tiny_run, session_home, tmp_path_factory) -> Path:
         tracking.setup_uri()
         export.export_run(tiny_run, out)
     return out
+
+
+@pytest.fixture
+def served(home, tiny_export, tmp_path):
+    """A registered champion and service settings pointing at it, with two API keys.
+
+    Yields a SimpleNamespace: settings (service.config.Settings), name (registered model),
+    predict_key and admin_key (bearer tokens), export (the ONNX export folder).
+    The app itself is made by the test: `TestClient(create_app(served.settings))`.
+    """
+    import uuid
+    from types import SimpleNamespace
+
+    from registry import store
+    from service.config import Settings
+    from service.db import AuditStore
+
+    name = f"served-{uuid.uuid4().hex[:8]}"
+    version = store.register(tiny_export, name)
+    store.promote(version, "champion", name)
+    settings = Settings(
+        model=f"{name}@champion",
+        poll_interval_s=0.5,
+        database_url=f"sqlite:///{tmp_path / 'requests.db'}",
+        spool_dir=tmp_path / "spool",
+    )
+    audit = AuditStore(settings.audit_url(), settings.audit_spool())
+    audit.migrate()
+    predict_key = audit.create_key("predict", "tests")[1]
+    admin_key = audit.create_key("admin", "tests")[1]
+    audit.close()
+    yield SimpleNamespace(
+        settings=settings,
+        name=name,
+        predict_key=predict_key,
+        admin_key=admin_key,
+        export=tiny_export,
+        version=version,
+    )

@@ -1,0 +1,94 @@
+"""Request plumbing shared by the route modules: API-key scopes and the audit record."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.errors import ApiError
+
+KEY_CACHE_S = 300.0
+
+
+def authorize(request: Request, scope: str):
+    """The caller's API key if it grants `scope` ('predict' or 'admin'), else 401/403.
+
+    Verified keys are remembered for a few minutes so a database outage does not lock
+    out clients that were already talking to the service.
+    """
+    settings: Settings = request.app.state.settings
+    if not settings.require_api_key:
+        return None
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer ") or not header[7:].strip():
+        raise ApiError(401, "missing_api_key", "send 'Authorization: Bearer <API key>'")
+    token = header[7:].strip()
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    cache = request.app.state.key_cache
+    hit = cache.get(digest)
+    if hit and time.monotonic() - hit[1] < KEY_CACHE_S:
+        key = hit[0]
+    else:
+        try:
+            key = request.app.state.audit.verify_key(token)
+        except Exception as e:  # the key store is the database; it may be down
+            raise ApiError(503, "auth_unavailable", "cannot verify API keys right now") from e
+        if key is None:
+            raise ApiError(401, "invalid_api_key", "unknown or revoked API key")
+        cache[digest] = (key, time.monotonic())
+    if scope == "admin" and key.scope != "admin":
+        raise ApiError(403, "forbidden", "this route needs an admin key")
+    return key
+
+
+def predict_scope(request: Request):
+    return authorize(request, "predict")
+
+
+def admin_scope(request: Request):
+    return authorize(request, "admin")
+
+
+def health_scope(request: Request):
+    if not request.app.state.settings.public_health:
+        authorize(request, "predict")
+
+
+def metrics_scope(request: Request):
+    if not request.app.state.settings.public_metrics:
+        authorize(request, "admin")
+
+
+PredictKey = Annotated[object, Depends(predict_scope)]
+AdminKey = Annotated[object, Depends(admin_scope)]
+
+
+class Audited:
+    """Collects what the audit record of one predict request needs, and writes it."""
+
+    def __init__(self, request: Request, route: str, key):
+        self.request, self.route = request, route
+        self.record: dict = {
+            "request_id": uuid.uuid4().hex,
+            "created_at": datetime.now(UTC),
+            "api_key_id": getattr(key, "id", None),
+            "route": route,
+        }
+        self.start = time.perf_counter()
+
+    def finish(self, status: int, error_code: str | None = None, model_version=None) -> None:
+        app = self.request.app
+        self.record.update(status_code=status, error_code=error_code)
+        app.state.audit.record(self.record)
+        version = str(model_version or self.record.get("model_version") or "none")
+        elapsed = time.perf_counter() - self.start
+        app.state.metrics.requests.labels(self.route, version, str(status)).inc()
+        app.state.metrics.latency.labels(self.route, version).observe(elapsed)
+        if error_code:
+            app.state.metrics.errors.labels(self.route, error_code).inc()

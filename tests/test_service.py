@@ -1,0 +1,198 @@
+"""The inference service over HTTP (FastAPI TestClient, real onnxruntime, real SQLite)."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from training import phantom
+
+
+def _png(label="malignant", seed=0, size=256) -> bytes:
+    image = phantom.make_image(label, np.random.default_rng(seed), size)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def client(served):
+    with TestClient(create_app(served.settings)) as c:
+        yield c
+
+
+def test_predict_returns_versioned_probabilities_heatmap_and_disclaimer(client, served):
+    r = client.post(
+        "/v1/predict",
+        files={"file": ("x.png", _png(), "image/png")},
+        headers=_auth(served.predict_key),
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["name"] == served.name and body["model"]["version"] == served.version
+    assert body["model"]["alias"] == "champion" and len(body["model"]["onnx_sha256"]) == 64
+    assert body["model"]["provider"] == "CPUExecutionProvider"
+    probs = body["prediction"]["probabilities"]
+    assert set(probs) == {"benign", "malignant"} and sum(probs.values()) == pytest.approx(
+        1, abs=1e-4
+    )
+    assert body["prediction"]["label"] == max(probs, key=probs.get)
+    assert "not for diagnostic use" in body["disclaimer"]
+    heat = body["heatmap"]
+    assert (
+        heat["available"]
+        and heat["format"] == "png"
+        and heat["class"] == body["prediction"]["label"]
+    )
+    image = Image.open(io.BytesIO(base64.b64decode(heat["data"])))
+    assert image.size == (256, 256)  # upsampled onto the uploaded frame
+    assert set(body["timings"]) == {"decode_ms", "preprocess_ms", "inference_ms", "total_ms"}
+    assert r.headers["X-Request-ID"] == body["request_id"]
+
+
+def test_the_malignant_phantom_is_called_malignant(client, served):
+    votes = []
+    for seed in range(4):
+        for label in ("benign", "malignant"):
+            r = client.post(
+                "/v1/predict?heatmap=none",
+                files={"file": ("x.png", _png(label, seed), "image/png")},
+                headers=_auth(served.predict_key),
+            )
+            votes.append(r.json()["prediction"]["label"] == label)
+    assert sum(votes) >= 6  # the tiny model learned the phantom (test AUC > 0.9)
+
+
+@pytest.mark.parametrize("mode", ["none", "png", "overlay", "array"])
+def test_heatmap_modes(client, served, mode):
+    r = client.post(
+        f"/v1/predict?heatmap={mode}&class=benign",
+        files={"file": ("x.png", _png(), "image/png")},
+        headers=_auth(served.predict_key),
+    )
+    assert r.status_code == 200, r.text
+    heat = r.json()["heatmap"]
+    if mode == "none":
+        assert heat is None
+        return
+    assert heat["class"] == "benign" and heat["format"] == mode
+    if mode == "array":
+        assert np.asarray(heat["data"]).shape == (8, 8) and np.min(heat["data"]) >= 0
+    else:
+        image = Image.open(io.BytesIO(base64.b64decode(heat["data"])))
+        assert image.mode == ("L" if mode == "png" else "RGB") and image.size == (256, 256)
+
+
+def test_unknown_class_for_heatmap_is_400(client, served):
+    r = client.post(
+        "/v1/predict?class=zebra",
+        files={"file": ("x.png", _png(), "image/png")},
+        headers=_auth(served.predict_key),
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_class"
+
+
+def test_pinned_version_and_alias_routes(client, served):
+    files = {"file": ("x.png", _png(), "image/png")}
+    r = client.post(
+        f"/v1/models/{served.name}/versions/{served.version}/predict",
+        files=files,
+        headers=_auth(served.predict_key),
+    )
+    assert r.status_code == 200 and r.json()["model"]["version"] == served.version
+    assert r.json()["model"]["alias"] is None
+    r = client.post(
+        f"/v1/models/{served.name}/versions/999/predict",
+        files=files,
+        headers=_auth(served.predict_key),
+    )
+    assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
+    r = client.post(
+        f"/v1/models/{served.name}/predict?alias=challenger",
+        files=files,
+        headers=_auth(served.predict_key),
+    )
+    assert r.status_code == 404 and r.json()["error"]["code"] == "alias_not_found"
+    r = client.post(
+        "/v1/models/other-model/predict", files=files, headers=_auth(served.predict_key)
+    )
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_auth_missing_wrong_and_scoped_keys(client, served):
+    files = {"file": ("x.png", _png(), "image/png")}
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    r = client.post("/v1/predict", files=files, headers=_auth("tcad_nope_nope"))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = client.get("/v1/requests", headers=_auth(served.predict_key))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    assert client.get("/v1/requests", headers=_auth(served.admin_key)).status_code == 200
+    assert client.get("/healthz").status_code == 200  # public by default
+    assert client.get("/metrics").status_code == 200
+
+
+def test_every_predict_request_is_audited_without_pixels(client, served):
+    ok = client.post(
+        "/v1/predict",
+        files={"file": ("x.png", _png(), "image/png")},
+        headers=_auth(served.predict_key),
+    ).json()
+    bad = client.post(
+        "/v1/predict",
+        files={"file": ("x.png", b"not an image", "image/png")},
+        headers=_auth(served.predict_key),
+    )
+    assert bad.status_code == 415
+    rows = client.get("/v1/requests", headers=_auth(served.admin_key)).json()
+    by_id = {row["request_id"]: row for row in rows["requests"]}
+    row = by_id[ok["request_id"]]
+    assert row["status_code"] == 200 and row["label"] == ok["prediction"]["label"]
+    assert row["model_version"] == served.version and row["content_type"] == "image/png"
+    assert (row["image_width"], row["image_height"]) == (256, 256)
+    assert row["api_key_id"] and row["route"] == "/v1/predict"
+    assert (
+        len(row["input_sha256"]) == 64 and row["probabilities"] == ok["prediction"]["probabilities"]
+    )
+    errors = [r for r in rows["requests"] if r["status_code"] == 415]
+    assert errors and errors[0]["error_code"] == "unsupported_media_type"
+    assert "pixels" not in json.dumps(rows).lower()
+    filtered = client.get(
+        f"/v1/requests?label={ok['prediction']['label']}&model_version={served.version}&limit=1",
+        headers=_auth(served.admin_key),
+    ).json()
+    assert filtered["total"] >= 1 and len(filtered["requests"]) == 1
+
+
+def test_models_readiness_and_metrics(client, served):
+    models = client.get("/v1/models", headers=_auth(served.predict_key)).json()
+    assert models["models"][0]["version"] == served.version
+    assert models["models"][0]["card"]["heatmap"] is True
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and ready["registry_reachable"] and not ready["serving_from_cache"]
+    client.post(
+        "/v1/predict",
+        files={"file": ("x.png", _png(), "image/png")},
+        headers=_auth(served.predict_key),
+    )
+    text = client.get("/metrics").text
+    line = f'thyroid_cad_requests_total{{model_version="{served.version}",route="/v1/predict"'
+    assert line + ',status="200"}' in text
+    assert "thyroid_cad_inference_seconds_bucket" in text
+    assert "thyroid_cad_model_loads_total" in text
+
+
+def test_openapi_page_lists_the_routes(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/predict", "/v1/models", "/v1/requests", "/v2/models/{name}/infer"):
+        assert path in spec["paths"]
+    assert client.get("/docs").status_code == 200
