@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import time
 from contextlib import asynccontextmanager
 from datetime import datetime
