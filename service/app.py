@@ -504,6 +504,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
             "name": manager.name,
             "default_alias": manager.default_alias,
             "registry_reachable": manager.registry_reachable,
+            "errors": manager.errors,
             "models": manager.loaded(),
         }
 

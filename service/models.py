@@ -135,7 +135,7 @@ class ModelManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.registry_reachable = False
-        self.last_error: str | None = None
+        self.errors: dict[str, str] = {}  # alias -> why it is not (or not newly) loaded
 
     # -- resolution ---------------------------------------------------------------
     def _resolve(self, alias: str) -> store.Resolved | None:
@@ -145,7 +145,7 @@ class ModelManager:
             return resolved
         except store.RegistryError as e:
             self.registry_reachable = not isinstance(e, store.RegistryUnavailable)
-            self.last_error = str(e)
+            self.errors[alias] = str(e)
             if not self.registry_reachable:
                 cached = store.cached(f"{self.name}@{alias}")
                 if cached is not None:
@@ -173,10 +173,11 @@ class ModelManager:
                 model = load(resolved, self.providers)
             except ValueError as e:
                 log.error("refusing %s@%s v%s: %s", self.name, alias, resolved.version, e)
-                self.last_error = str(e)
+                self.errors[alias] = f"refused v{resolved.version}: {e}"
                 self.on_event("load", result="refused")
                 continue
             self.on_event("load", result="ok")
+            self.errors.pop(alias, None)
             if current is not None:
                 self.on_event("swap")
             self._swap(alias, model)
@@ -210,6 +211,10 @@ class ModelManager:
             self._thread.join(timeout=5)
 
     # -- lookup -------------------------------------------------------------------
+    @property
+    def last_error(self) -> str | None:
+        return self.errors.get(self.default_alias)
+
     @property
     def ready(self) -> bool:
         return self.default_alias in self._by_alias
