@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO := .thyroid-cad/demo-data
 
 .PHONY: demo test lint install
 install: $(BIN)/thyroid-cad
@@ -13,13 +12,9 @@ $(BIN)/thyroid-cad: pyproject.toml
 	VIRTUAL_ENV=$(VENV) $(PYTHON) -m uv pip install --quiet -e '.[train,serve,dev]'
 	touch $@
 
-# Synthetic phantom -> small model trained and logged to the local MLflow store.
+# Phantom data -> train -> MLflow -> ONNX -> registry -> champion -> service (foreground).
 demo: install
-	rm -rf $(DEMO)
-	$(BIN)/thyroid-cad demo-data $(DEMO) --per-class 150
-	$(BIN)/thyroid-cad train --data $(DEMO) --backbone tiny --epochs 15 --image-size 64 --batch-size 16
-	@echo "Runs are in .thyroid-cad/mlflow.db; browse them with:"
-	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///.thyroid-cad/mlflow.db"
+	bash scripts/demo.sh
 
 lint: install
 	$(BIN)/ruff check .
