@@ -269,13 +269,15 @@ def apply_temperature(probs, T: float) -> np.ndarray:
 
 
 def choose_threshold(y_true_binary, scores, target_sensitivity: float = 0.90) -> float:
-    """Largest threshold whose sensitivity on these labels is >= target.
+    """Operating threshold: sensitivity >= target, best specificity, widest margin.
 
-    Sensitivity only changes at positive scores, so the answer is the k-th largest positive
-    score where k is the smallest count with ``k / n_pos >= target`` (the same float comparison
-    :func:`binary_metrics` makes). Tied scores are included together (``score >= t``), so the
-    result is deterministic and any larger threshold falls below the target. Specificity is
-    maximal under the constraint because it is non-decreasing in the threshold.
+    Sensitivity only changes at positive scores, so the largest admissible threshold is
+    the k-th largest positive score, k the smallest count with ``k / n_pos >= target``
+    (the same float comparison :func:`binary_metrics` makes); specificity is maximal
+    there. Every threshold down to the next negative score below it keeps that
+    specificity and at least that sensitivity, so the midpoint of that gap is returned:
+    on a well-separated validation set the largest admissible threshold sits right on a
+    positive score (often ~1.0), and new data would fall on the wrong side of it.
     Returns nan when there are no positives.
     """
     y = _as_binary(y_true_binary)
@@ -288,7 +290,12 @@ def choose_threshold(y_true_binary, scores, target_sensitivity: float = 0.90) ->
         return math.nan
     ks = np.arange(1, n_pos + 1)
     k = int(ks[np.argmax(ks / n_pos >= target_sensitivity)])  # last entry always qualifies
-    return float(pos[k - 1])
+    highest = float(pos[k - 1])
+    below = s[~y][s[~y] < highest]
+    if below.size == 0:
+        return highest
+    middle = (float(below.max()) + highest) / 2
+    return middle if middle > below.max() else highest
 
 
 def _wilson(k: float, n: float, z: float = _Z95) -> tuple[float, float]:

@@ -283,10 +283,14 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 for s in ("val", "test")
             }
             raw_ece = evaluate.expected_calibration_error(y["val"], probs["val"])
-            fitted = evaluate.fit_temperature(np.log(np.clip(probs["val"], 1e-12, 1)), y["val"])
-            # A validation set the model separates perfectly drives the NLL optimum to T -> 0,
-            # which saturates probabilities at exactly 0 and 1 and ruins the threshold.
-            temperature = float(np.clip(fitted, *TEMPERATURE_RANGE))
+            separated = evaluate.confusion(y["val"], probs["val"]).trace() == len(y["val"])
+            if separated:
+                # Every validation image already right: the NLL optimum is T -> 0, which
+                # would only make the probabilities overconfident. Leave them as they are.
+                fitted = temperature = 1.0
+            else:
+                fitted = evaluate.fit_temperature(np.log(np.clip(probs["val"], 1e-12, 1)), y["val"])
+                temperature = float(np.clip(fitted, *TEMPERATURE_RANGE))
             mlflow.log_metric("temperature_fitted", fitted)
             model.get_layer("cam_head").temperature.assign(temperature)
             probs = {s: evaluate.apply_temperature(p, temperature) for s, p in probs.items()}
