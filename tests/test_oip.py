@@ -1,0 +1,463 @@
+"""The Open Inference Protocol routes (/v2) through a real HTTP server and a standard client.
+
+The app runs under uvicorn in a background thread on a free localhost port, and is spoken
+to by `tritonclient.http` (the official Triton/KServe v2 client, binary tensor extension
+and all) and by plain httpx for the JSON-only forms. Results are checked against a direct
+onnxruntime run of the served ONNX file and against `/v1/predict` on the same files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import uuid
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as triton
+import uvicorn
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from service.app import create_app
+from thyroid_cad import imaging
+from training import phantom
+
+
+def _frame(label: str, seed: int, size: int = 160) -> np.ndarray:
+    return phantom.make_image(label, np.random.default_rng(seed), size)
+
+
+def _png(label: str = "malignant", seed: int = 0, size: int = 160) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_frame(label, seed, size)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(session_home, tiny_export, tmp_path_factory):
+    """The service under uvicorn on 127.0.0.1:<free port>, for the whole module.
+
+    The same set-up as conftest's `served` (a champion registered from the tiny export,
+    a SQLite audit database, a predict and an admin key), module-scoped so one server
+    answers every test here.
+    """
+    from registry import store
+    from service.config import Settings
+    from service.db import AuditStore
+
+    tmp = tmp_path_factory.mktemp("oip")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("THYROID_CAD_HOME", str(session_home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        name = f"oip-{uuid.uuid4().hex[:8]}"
+        version = store.register(tiny_export, name)
+        store.promote(version, "champion", name)
+        settings = Settings(
+            model=f"{name}@champion",
+            poll_interval_s=0.5,
+            database_url=f"sqlite:///{tmp / 'requests.db'}",
+            spool_dir=tmp / "spool",
+        )
+        audit = AuditStore(settings.audit_url(), settings.audit_spool())
+        audit.migrate()
+        predict_key = audit.create_key("predict", "oip-tests")[1]
+        admin_key = audit.create_key("admin", "oip-tests")[1]
+        audit.close()
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=port, log_level="warning"
+        )
+        uv = uvicorn.Server(config)
+        thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert thread.is_alive(), "uvicorn exited during start-up"
+            assert time.monotonic() < deadline, "the service did not become ready in 60 s"
+            time.sleep(0.1)
+        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+        card = json.loads((tiny_export / "model_card.json").read_text())
+        try:
+            yield SimpleNamespace(
+                url=f"127.0.0.1:{port}",
+                base=base,
+                name=name,
+                version=version,
+                predict_key=predict_key,
+                admin_key=admin_key,
+                export=tiny_export,
+                card=card,
+                size=int(card["input_size"]),
+                classes=card["class_names"],
+            )
+        finally:
+            uv.should_exit = True
+            thread.join(timeout=15)
+            sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = triton.InferenceServerClient(url=server.url, network_timeout=120.0)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def onnx_session(server):
+    return ort.InferenceSession(
+        str(server.export / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+
+
+def _auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _frames(server, n: int = 3) -> np.ndarray:
+    labels = ["benign", "malignant"]
+    return np.stack(
+        [imaging.prepare(_frame(labels[i % 2], seed=10 + i), server.size) for i in range(n)]
+    )
+
+
+def _uint8_input(batch: np.ndarray, binary: bool) -> triton.InferInput:
+    tensor = triton.InferInput("image", list(batch.shape), "UINT8")
+    tensor.set_data_from_numpy(batch, binary_data=binary)
+    return tensor
+
+
+def _bytes_input(files: list[bytes]) -> triton.InferInput:
+    tensor = triton.InferInput("image", [len(files)], "BYTES")
+    tensor.set_data_from_numpy(np.array(files, dtype=np.object_), binary_data=True)
+    return tensor
+
+
+# -- health and metadata -------------------------------------------------------------
+def test_server_live_ready_and_metadata(client, server):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "thyroid-cad" and meta["version"] == "1"
+    assert "binary_tensor_data" in meta["extensions"]
+
+
+def test_model_ready(client, server):
+    assert client.is_model_ready(server.name)
+    assert client.is_model_ready(server.name, model_version=str(server.version))
+    assert not client.is_model_ready("no-such-model")
+    assert not client.is_model_ready(server.name, model_version="999")
+
+
+def test_model_metadata_describes_the_tensors(client, server):
+    s, k = server.size, len(server.classes)
+    h, w = server.card["heatmap_shape"][1:3]
+    for version in ("", str(server.version)):
+        meta = client.get_model_metadata(server.name, model_version=version)
+        assert meta["name"] == server.name and meta["versions"] == [str(server.version)]
+        assert meta["platform"] == "onnxruntime_onnx"
+        assert meta["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, s, s, 3]}]
+        assert meta["outputs"] == [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+            {"name": "heatmap", "datatype": "FP32", "shape": [-1, h, w, k]},
+        ]
+        assert meta["parameters"]["class_names"] == server.classes
+        assert "BYTES" in meta["parameters"]["alternative_input"]
+
+
+# -- inference -----------------------------------------------------------------------
+@pytest.mark.parametrize("binary", [True, False], ids=["binary-extension", "json"])
+def test_infer_uint8_matches_onnxruntime(client, server, onnx_session, binary):
+    batch = _frames(server, n=3)
+    result = client.infer(
+        server.name,
+        [_uint8_input(batch, binary)],
+        outputs=[
+            triton.InferRequestedOutput("probabilities", binary_data=binary),
+            triton.InferRequestedOutput("heatmap", binary_data=binary),
+        ],
+        headers=_auth(server.predict_key),
+    )
+    probs, heat = result.as_numpy("probabilities"), result.as_numpy("heatmap")
+    want_probs, want_heat = onnx_session.run(["probabilities", "heatmap"], {"image": batch})
+    k = len(server.classes)
+    h, w = server.card["heatmap_shape"][1:3]
+    assert probs.shape == (3, k) and heat.shape == (3, h, w, k)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, want_probs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(heat, want_heat, atol=1e-5, rtol=0)
+    response = result.get_response()
+    assert response["model_name"] == server.name
+    assert response["model_version"] == str(server.version)
+    assert response["parameters"]["class_names"] == server.classes
+
+
+def test_infer_default_outputs_and_a_requested_subset(client, server):
+    batch = _frames(server, n=1)
+    everything = client.infer(
+        server.name, [_uint8_input(batch, True)], headers=_auth(server.predict_key)
+    )
+    assert {o["name"] for o in everything.get_response()["outputs"]} == {
+        "probabilities",
+        "heatmap",
+    }
+    only = client.infer(
+        server.name,
+        [_uint8_input(batch, True)],
+        outputs=[triton.InferRequestedOutput("probabilities")],
+        request_id="my-request-7",
+        headers=_auth(server.predict_key),
+    )
+    response = only.get_response()
+    assert [o["name"] for o in response["outputs"]] == ["probabilities"]
+    assert only.as_numpy("heatmap") is None
+    assert response["id"] == "my-request-7"  # the client's id is echoed
+
+
+def test_infer_bytes_png_files_match_v1_predict(client, server):
+    files = [_png("benign", seed=3), _png("malignant", seed=4)]
+    result = client.infer(server.name, [_bytes_input(files)], headers=_auth(server.predict_key))
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (2, len(server.classes))
+    for i, data in enumerate(files):
+        r = httpx.post(
+            f"{server.base}/v1/predict?heatmap=none",
+            files={"file": ("x.png", data, "image/png")},
+            headers=_auth(server.predict_key),
+        )
+        assert r.status_code == 200, r.text
+        v1 = r.json()["prediction"]["probabilities"]
+        np.testing.assert_allclose(probs[i], [v1[c] for c in server.classes], atol=1e-5)
+
+
+def test_versioned_infer_route(client, server, onnx_session):
+    batch = _frames(server, n=2)
+    result = client.infer(
+        server.name,
+        [_uint8_input(batch, True)],
+        model_version=str(server.version),
+        headers=_auth(server.predict_key),
+    )
+    assert result.get_response()["model_version"] == str(server.version)
+    (want,) = onnx_session.run(["probabilities"], {"image": batch})
+    np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-5, rtol=0)
+
+
+def test_json_bytes_as_base64_strings_with_httpx(server):
+    files = [_png("malignant", seed=5), _png("benign", seed=6)]
+    body = {
+        "id": "b64",
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [2],
+                "data": [base64.b64encode(f).decode() for f in files],
+            }
+        ],
+        "outputs": [{"name": "probabilities"}],
+    }
+    r = httpx.post(
+        f"{server.base}/v2/models/{server.name}/infer",
+        json=body,
+        headers=_auth(server.predict_key),
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["id"] == "b64" and [o["name"] for o in out["outputs"]] == ["probabilities"]
+    (probs,) = out["outputs"]
+    assert probs["datatype"] == "FP32" and probs["shape"] == [2, len(server.classes)]
+    got = np.asarray(probs["data"]).reshape(probs["shape"])
+    for i, data in enumerate(files):
+        v1 = httpx.post(
+            f"{server.base}/v1/predict?heatmap=none",
+            files={"file": ("x.png", data, "image/png")},
+            headers=_auth(server.predict_key),
+        ).json()["prediction"]["probabilities"]
+        np.testing.assert_allclose(got[i], [v1[c] for c in server.classes], atol=1e-5)
+
+    bad = {**body, "inputs": [{**body["inputs"][0], "data": ["not base64!"]}]}
+    r = httpx.post(
+        f"{server.base}/v2/models/{server.name}/infer",
+        json=bad,
+        headers=_auth(server.predict_key),
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_tensor"
+
+
+def test_json_uint8_nested_data_with_httpx(server, onnx_session):
+    batch = _frames(server, n=1)
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "UINT8",
+                "shape": list(batch.shape),
+                "data": batch.tolist(),
+            }  # fmt: skip
+        ]
+    }
+    r = httpx.post(
+        f"{server.base}/v2/models/{server.name}/infer",
+        json=body,
+        headers=_auth(server.predict_key),
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    got = np.asarray(outputs["probabilities"]["data"]).reshape(outputs["probabilities"]["shape"])
+    (want,) = onnx_session.run(["probabilities"], {"image": batch})
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_infer_requests_are_audited(client, server):
+    batch = _frames(server, n=1)
+    client.infer(server.name, [_uint8_input(batch, True)], headers=_auth(server.predict_key))
+    rows = httpx.get(f"{server.base}/v1/requests?limit=1", headers=_auth(server.admin_key)).json()[
+        "requests"
+    ]
+    (row,) = rows
+    assert row["route"] == "/v2/models/{name}/infer" and row["status_code"] == 200
+    assert row["content_type"] == "tensor/uint8" and row["model_version"] == server.version
+    assert (row["image_width"], row["image_height"]) == (server.size, server.size)
+    assert row["label"] in server.classes and len(row["input_sha256"]) == 64
+
+
+# -- errors --------------------------------------------------------------------------
+def _error(excinfo) -> tuple[str, str]:
+    """(HTTP status, message) of a tritonclient InferenceServerException."""
+    return str(excinfo.value.status()), str(excinfo.value.message())
+
+
+def test_unknown_model_is_404(client, server):
+    batch = _frames(server, n=1)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(
+            "no-such-model", [_uint8_input(batch, True)], headers=_auth(server.predict_key)
+        )
+    status, message = _error(e)
+    assert status == "404" and "model_not_found" in message
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("no-such-model")
+    assert _error(e)[0] == "404"
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(
+            server.name,
+            [_uint8_input(batch, True)],
+            model_version="999",
+            headers=_auth(server.predict_key),
+        )
+    status, message = _error(e)
+    assert status == "404" and "version_not_found" in message
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[1, 32, 32, 3], [1, 64, 64, 1], [64, 64, 3], [1, 64, 64, 3, 1]],
+    ids=["small-frame", "grey", "no-batch-axis", "five-axes"],
+)
+def test_wrong_shape_is_400(client, server, shape):
+    shape = [server.size if d == 64 else d for d in shape]
+    batch = np.zeros(shape, dtype=np.uint8)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(server.name, [_uint8_input(batch, True)], headers=_auth(server.predict_key))
+    status, message = _error(e)
+    assert status == "400" and "invalid_shape" in message
+
+
+def test_too_few_values_for_the_shape_is_400(server):
+    s = server.size
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, s, s, 3],
+                        "data": [0] * (s * s * 3)}]}  # fmt: skip
+    r = httpx.post(
+        f"{server.base}/v2/models/{server.name}/infer", json=body, headers=_auth(server.predict_key)
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_shape"
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "INT32"])
+def test_wrong_datatype_is_400(client, server, datatype):
+    s = server.size
+    batch = np.zeros((1, s, s, 3), dtype=np.float32 if datatype == "FP32" else np.int32)
+    tensor = triton.InferInput("image", list(batch.shape), datatype)
+    tensor.set_data_from_numpy(batch, binary_data=True)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(server.name, [tensor], headers=_auth(server.predict_key))
+    status, message = _error(e)
+    assert status == "400" and "invalid_datatype" in message
+
+
+def test_wrong_input_name_is_400(client, server):
+    s = server.size
+    tensor = triton.InferInput("pixels", [1, s, s, 3], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((1, s, s, 3), dtype=np.uint8))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(server.name, [tensor], headers=_auth(server.predict_key))
+    status, message = _error(e)
+    assert status == "400" and "invalid_tensor" in message
+
+
+def test_bytes_tensor_with_a_bad_file_is_4xx(client, server):
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(
+            server.name, [_bytes_input([b"GIF89a" + bytes(64)])], headers=_auth(server.predict_key)
+        )
+    status, message = _error(e)
+    assert status == "415" and "unsupported_media_type" in message
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(
+            server.name,
+            [_bytes_input([_png(), _png()[:200]])],  # one good file, one cut short
+            headers=_auth(server.predict_key),
+        )
+    status, message = _error(e)
+    assert status == "400" and "corrupt_image" in message
+
+
+def test_infer_needs_a_predict_key(client, server):
+    batch = _frames(server, n=1)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(server.name, [_uint8_input(batch, True)])
+    status, message = _error(e)
+    assert status == "401" and "missing_api_key" in message
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(server.name, [_uint8_input(batch, True)], headers=_auth("tcad_nope_nope"))
+    status, message = _error(e)
+    assert status == "401" and "invalid_api_key" in message
+    # health and metadata are public by default (THYROID_CAD_PUBLIC_HEALTH)
+    assert client.is_model_ready(server.name)
+
+
+def test_invalid_json_body_is_400(server):
+    r = httpx.post(
+        f"{server.base}/v2/models/{server.name}/infer",
+        content=b"{not json",
+        headers={**_auth(server.predict_key), "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(
+        f"{server.base}/v2/models/{server.name}/infer",
+        json={"inputs": []},
+        headers=_auth(server.predict_key),
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
