@@ -35,6 +35,7 @@ from service.errors import (
     ApiError,
     api_error_handler,
     http_error_handler,
+    unexpected_error_handler,
     validation_error_handler,
 )
 from service.models import LoadedModel, ModelManager
@@ -258,6 +259,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
     _routes(app, settings)
     from service import oip
 
@@ -347,14 +349,14 @@ def decide(card: dict, probs: np.ndarray) -> PredictionOut:
     )
 
 
-async def read_upload(file: UploadFile, limit: int) -> bytes:
-    data = await file.read(limit + 1)
+def read_upload(file: UploadFile, limit: int) -> bytes:
+    data = file.file.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, "file_too_large", f"upload exceeds {limit} bytes")
     return data
 
 
-async def predict_upload(
+def predict_upload(
     request: Request,
     file: UploadFile,
     key,
@@ -371,8 +373,11 @@ async def predict_upload(
         model, via = request.app.state.models.get(alias=alias, version=version, name=name)
         audited.record.update(model_name=model.name, model_version=model.version)
         t0 = time.perf_counter()
-        data = await read_upload(file, settings.max_upload_bytes)
+        data = read_upload(file, settings.max_upload_bytes)
         audited.record["input_sha256"] = hashlib.sha256(data).hexdigest()
+        names = model.card["class_names"]
+        if class_name is not None and class_name not in names:  # before any decoding work
+            raise ApiError(400, "unknown_class", f"class must be one of {names}")
         decoded = decoding.decode(data, settings.max_image_pixels)
         audited.record.update(
             content_type=decoded.content_type,
@@ -386,10 +391,7 @@ async def predict_upload(
         t3 = time.perf_counter()
         request.app.state.metrics.inference.labels(str(model.version)).observe(t3 - t2)
         request.app.state.metrics.batch.observe(1)
-        names = model.card["class_names"]
         prediction = decide(model.card, probs[0])
-        if class_name is not None and class_name not in names:
-            raise ApiError(400, "unknown_class", f"class must be one of {names}")
         index = names.index(class_name or prediction.label)
         rendered = render_heatmap(
             model, None if maps is None else maps[0], index, heatmap, decoded.rgb, geometry
@@ -428,6 +430,9 @@ async def predict_upload(
     except ApiError as e:
         audited.finish(e.status, e.code)
         raise
+    except Exception:
+        audited.finish(500, "internal_error")
+        raise
 
 
 def _routes(app: FastAPI, settings: Settings) -> None:
@@ -437,7 +442,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     )
 
     @app.post("/v1/predict", response_model=PredictResponse, tags=["v1"])
-    async def predict(
+    def predict(
         request: Request,
         key: PredictKey,
         file: Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF or DICOM.")],
@@ -446,12 +451,10 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         alias: str | None = Query(None, description="e.g. challenger"),
     ):
         """Classify one ultrasound image with the champion (or ?alias=) model."""
-        return await predict_upload(
-            request, file, key, "/v1/predict", heatmap, class_name, alias=alias
-        )
+        return predict_upload(request, file, key, "/v1/predict", heatmap, class_name, alias=alias)
 
     @app.post("/v1/models/{name}/predict", response_model=PredictResponse, tags=["v1"])
-    async def predict_alias(
+    def predict_alias(
         request: Request,
         name: str,
         key: PredictKey,
@@ -461,7 +464,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         alias: str = Query("champion", description="Registry alias."),
     ):
         """Classify with the version an alias of this model points at."""
-        return await predict_upload(
+        return predict_upload(
             request,
             file,
             key,
@@ -475,7 +478,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     @app.post(
         "/v1/models/{name}/versions/{version}/predict", response_model=PredictResponse, tags=["v1"]
     )
-    async def predict_version(
+    def predict_version(
         request: Request,
         name: str,
         version: int,
@@ -485,11 +488,11 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         class_name: str | None = class_q,
     ):
         """Classify with one pinned model version."""
-        return await predict_upload(
+        return predict_upload(
             request,
             file,
             key,
-            "/v1/models/{name}/versions/{v}/predict",
+            "/v1/models/{name}/versions/{version}/predict",
             heatmap,
             class_name,
             version=version,

@@ -88,6 +88,19 @@ def _pillow(data: bytes, max_pixels: int) -> np.ndarray:
         ) from e
 
 
+def _grey_to_rgb(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
+    """Modality/VOI LUT, window to 0-255, MONOCHROME1 inverted, grey -> RGB."""
+    from pydicom.pixels import apply_voi_lut
+
+    grey = apply_voi_lut(pixels, ds).astype(np.float64)
+    lo, hi = float(grey.min()), float(grey.max())
+    grey = (grey - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(grey)
+    if photometric == "MONOCHROME1":
+        grey = 255.0 - grey
+    g = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return np.repeat(g[:, :, None], 3, axis=2)
+
+
 def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -95,11 +108,23 @@ def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
         if rows * cols > max_pixels:
             raise _too_large(cols, rows, max_pixels)
+        if rows * cols * frames > 4 * max_pixels:  # every frame is decoded: bound them all
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"{frames} frames of {cols}x{rows}: too many pixels to decode",
+            )
         if "PixelData" not in ds:
             raise ApiError(400, "dicom_without_pixels", "the DICOM file holds no image")
         pixels = ds.pixel_array
+        if frames > 1:
+            pixels = pixels[0]  # the first frame of a cine loop
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        if pixels.ndim == 2:
+            return _grey_to_rgb(pixels, ds, photometric)
     except ApiError:
         raise
     except (
@@ -116,22 +141,10 @@ def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
         ) from e
     except (NotImplementedError, RuntimeError) as e:  # compressed syntax without a decoder
         raise ApiError(
-            415, "unsupported_dicom", f"DICOM transfer syntax not supported here ({e})"
+            415,
+            "unsupported_dicom",
+            "DICOM transfer syntax not supported here or pixel data corrupt",
         ) from e
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        pixels = pixels[0]  # the first frame of a cine loop
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if pixels.ndim == 2:
-        from pydicom.pixels import apply_voi_lut
-
-        grey = apply_voi_lut(pixels, ds).astype(np.float64)
-        lo, hi = float(grey.min()), float(grey.max())
-        grey = (grey - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(grey)
-        if photometric == "MONOCHROME1":
-            grey = 255.0 - grey
-        g = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-        return np.repeat(g[:, :, None], 3, axis=2)
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
         if pixels.dtype != np.uint8:
             pixels = np.clip(pixels, 0, 255).astype(np.uint8)

@@ -20,6 +20,7 @@ import time
 import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from service import decoding
 from service.config import Settings
@@ -31,7 +32,7 @@ from thyroid_cad import imaging
 
 def _model(request: Request, name: str, version: str | None) -> LoadedModel:
     manager = request.app.state.models
-    if version is not None and not version.isdigit():
+    if version is not None and not (version.isascii() and version.isdigit()):
         raise ApiError(400, "invalid_version", f"version must be a number, got {version!r}")
     model, _ = manager.get(version=int(version) if version else None, name=name)
     return model
@@ -57,25 +58,77 @@ def _metadata(model: LoadedModel) -> dict:
     }
 
 
-async def _parse(request: Request) -> tuple[dict, bytes]:
+MAX_BATCH = 64
+
+
+def _bad(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, code, message)
+
+
+async def _parse(request: Request, max_bytes: int) -> tuple[dict, bytes]:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, "request_too_large", f"request body exceeds {max_bytes} bytes")
     body = await request.body()
+    if len(body) > max_bytes:
+        raise ApiError(413, "request_too_large", f"request body exceeds {max_bytes} bytes")
     header_len = request.headers.get("inference-header-content-length")
     try:
         if header_len is not None:
             n = int(header_len)
-            return json.loads(body[:n]), body[n:]
-        return json.loads(body), b""
+            if not 0 < n <= len(body):
+                raise ValueError("Inference-Header-Content-Length is out of range")
+            return _check_header(json.loads(body[:n])), body[n:]
+        return _check_header(json.loads(body)), b""
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
+
+
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_header(header) -> dict:
+    """Check the request's JSON structure up front, so nothing later trips on types."""
+    if not isinstance(header, dict):
+        raise _bad("the request must be a JSON object")
+    inputs, outputs = header.get("inputs"), header.get("outputs", [])
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise _bad("'inputs' must hold exactly one tensor object, 'image'")
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+    ):
+        raise _bad("'outputs' must be a list of objects with a 'name'")
+    spec = inputs[0]
+    params = spec.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("'parameters' must be an object")
+    size = params.get("binary_data_size")
+    if size is not None and not _is_int(size):
+        raise _bad("'binary_data_size' must be a non-negative integer", "invalid_tensor")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not shape or not all(_is_int(d) for d in shape):
+        raise _bad("'shape' must be a list of non-negative integers", "invalid_shape")
+    if shape[0] > MAX_BATCH:
+        raise ApiError(413, "batch_too_large", f"at most {MAX_BATCH} images per request")
+    if size is None and not isinstance(spec.get("data"), list):
+        raise _bad("'data' must be a list (or use the binary tensor extension)", "invalid_tensor")
+    return header
 
 
 def _bytes_elements(spec: dict, blob: bytes, offset: int) -> tuple[list[bytes], int]:
     size = (spec.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         raw, out = blob[offset : offset + size], []
+        if len(raw) != size:
+            raise _bad("binary data is shorter than 'binary_data_size'", "invalid_tensor")
         i = 0
         while i < len(raw):
+            if i + 4 > len(raw):
+                raise _bad("truncated BYTES element length", "invalid_tensor")
             (n,) = struct.unpack_from("<I", raw, i)
+            if i + 4 + n > len(raw):
+                raise _bad("truncated BYTES element", "invalid_tensor")
             out.append(raw[i + 4 : i + 4 + n])
             i += 4 + n
         return out, offset + size
@@ -93,13 +146,18 @@ def _batch(
     if spec.get("name") != "image":
         raise ApiError(400, "invalid_tensor", "the input tensor must be named 'image'")
     if dtype == "UINT8":
-        if list(shape or [])[1:] != [s, s, 3] or len(shape) != 4:
+        if len(shape) != 4 or shape[1:] != [s, s, 3]:
             raise ApiError(400, "invalid_shape", f"UINT8 image must have shape [N, {s}, {s}, 3]")
         size = (spec.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             values = np.frombuffer(blob[:size], dtype=np.uint8)
         else:
-            values = np.asarray(spec.get("data", []))
+            try:
+                values = np.asarray(spec["data"])
+            except ValueError as e:  # ragged nesting
+                raise _bad("UINT8 data must be a regular array", "invalid_tensor") from e
+            if values.size and values.dtype.kind not in "iu":
+                raise _bad("UINT8 data must be integers", "invalid_tensor")
             if values.size and (values.min() < 0 or values.max() > 255):
                 raise ApiError(400, "invalid_tensor", "UINT8 data must lie in 0..255")
         if values.size != int(np.prod(shape)):
@@ -111,6 +169,8 @@ def _batch(
         }
     if dtype == "BYTES":
         files, _ = _bytes_elements(spec, blob, 0)
+        if len(files) > MAX_BATCH:
+            raise ApiError(413, "batch_too_large", f"at most {MAX_BATCH} images per request")
         if not files:
             raise ApiError(400, "invalid_tensor", "BYTES image tensor is empty")
         frames = []
@@ -171,17 +231,17 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         try:
             model = _model(request, name, version)
             audited.record.update(model_name=model.name, model_version=model.version)
-            header, blob = await _parse(request)
-            inputs = header.get("inputs") or []
-            if len(inputs) != 1:
-                raise ApiError(400, "invalid_request", "exactly one input tensor, 'image'")
+            limits: Settings = request.app.state.settings
+            header, blob = await _parse(request, 4 * limits.max_upload_bytes)
             t0 = time.perf_counter()
-            batch, facts = _batch(model, inputs[0], blob, request.app.state.settings)
+            batch, facts = await run_in_threadpool(_batch, model, header["inputs"][0], blob, limits)
+            if len(batch) == 0:
+                raise _bad("the batch is empty", "invalid_shape")
             audited.record.update(
                 facts, image_height=int(batch.shape[1]), image_width=int(batch.shape[2])
             )
             t1 = time.perf_counter()
-            probs, maps = model.run(batch)
+            probs, maps = await run_in_threadpool(model.run, batch)
             t2 = time.perf_counter()
             request.app.state.metrics.inference.labels(str(model.version)).observe(t2 - t1)
             request.app.state.metrics.batch.observe(len(batch))
@@ -228,4 +288,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
             }
         except ApiError as e:
             audited.finish(e.status, e.code)
+            raise
+        except Exception:
+            audited.finish(500, "internal_error")
             raise

@@ -28,11 +28,11 @@ def thyroid_seed() -> Path:
 
 @pytest.fixture(scope="session")
 def phantom_root(tmp_path_factory) -> Path:
-    """A 2-class synthetic dataset, 150 images per class, shared by the whole session."""
+    """A 2-class synthetic dataset, 200 images per class, shared by the whole session."""
     from training import phantom
 
     root = tmp_path_factory.mktemp("phantom") / "data"
-    phantom.generate(root, per_class=150, classes=2, seed=1)
+    phantom.generate(root, per_class=200, classes=2, seed=1)
     return root
 
 
@@ -73,11 +73,11 @@ def tiny_run(phantom_root, session_home) -> str:
                 data=str(phantom_root),
                 backbone="tiny",
                 strategy="full",
-                epochs=15,
+                epochs=20,
                 image_size=64,
                 batch_size=16,
                 experiment="tests",
-                patience=6,
+                patience=8,
             )
         )
 

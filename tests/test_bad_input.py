@@ -362,6 +362,18 @@ BAD = {
     "dicom-two-frames-declared-one-present": Bad(
         400, "corrupt_dicom", upload(lambda: _dicom(NumberOfFrames=2), "x.dcm", "application/dicom")
     ),
+    "dicom-window-width-0": Bad(
+        400,
+        "corrupt_dicom",
+        upload(lambda: _dicom(WindowCenter=40, WindowWidth=0), "x.dcm", "application/dicom"),
+    ),
+    "dicom-cine-bomb-frames": Bad(
+        413,
+        "image_too_large",
+        upload(
+            lambda: _dicom(Rows=4000, Columns=4000, NumberOfFrames=20), "x.dcm", "application/dicom"
+        ),
+    ),
     # the request itself is wrong
     "missing-file-field": Bad(422, "invalid_request", raw(), audited=False),
     "wrong-field-name": Bad(

@@ -302,7 +302,7 @@ def test_json_bytes_as_base64_strings_with_httpx(server):
         json=bad,
         headers=_auth(server.predict_key),
     )
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_tensor"
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid_tensor:")
 
 
 def test_json_uint8_nested_data_with_httpx(server, onnx_session):
@@ -392,7 +392,7 @@ def test_too_few_values_for_the_shape_is_400(server):
     r = httpx.post(
         f"{server.base}/v2/models/{server.name}/infer", json=body, headers=_auth(server.predict_key)
     )
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_shape"
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid_shape:")
 
 
 @pytest.mark.parametrize("datatype", ["FP32", "INT32"])
@@ -454,10 +454,10 @@ def test_invalid_json_body_is_400(server):
         content=b"{not json",
         headers={**_auth(server.predict_key), "content-type": "application/json"},
     )
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid_json:")
     r = httpx.post(
         f"{server.base}/v2/models/{server.name}/infer",
         json={"inputs": []},
         headers=_auth(server.predict_key),
     )
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid_request:")

@@ -204,5 +204,5 @@ def test_cli_audit_json(phantom_root, session_home):
     result = _cli("data", "audit", str(phantom_root), "--json", env_home=session_home)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert report["images"] == 300 and report["classes"] == {"benign": 150, "malignant": 150}
+    assert report["images"] == 400 and report["classes"] == {"benign": 200, "malignant": 200}
     assert report["exact_duplicate_groups"] == [] and report["cross_split_groups"] == []
