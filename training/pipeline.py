@@ -15,7 +15,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -54,24 +53,54 @@ def load_images(paths: list[Path], sha256: list[str], size: int) -> np.ndarray:
     return arrays
 
 
-def augmenter(seed: int) -> keras.Sequential:
-    """Ultrasound-sensible augmentation.
+# Augmentation ranges: rotation (radians), zoom, shift (fraction of the side),
+# brightness (0-255 levels) and contrast factor.
+ROTATION = 0.19  # ~11 degrees
+ZOOM = 0.10
+SHIFT = 0.05
+BRIGHTNESS = 25.0
+CONTRAST = 0.20
+
+
+def augment_batch(images: tf.Tensor, seed: int) -> tf.Tensor:
+    """Ultrasound-sensible augmentation of a float32 batch (0-255), one warp per image.
 
     Left-right flips (lobes and probe orientation vary) but no vertical flip: depth runs
     downwards and acoustic shadows fall below what casts them. Small rotations, zooms
-    and shifts (probe angle, pressure), brightness and contrast (gain settings).
+    and shifts (probe angle and pressure) are composed into ONE projective transform per
+    image (one resampling pass instead of three separate Keras layers: ~4x faster here),
+    then brightness and contrast (gain settings).
     """
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.03, fill_mode="constant", seed=seed + 1),
-            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
-            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="constant", seed=seed + 3),
-            keras.layers.RandomContrast(0.2, value_range=(0, 255), seed=seed + 4),
-            keras.layers.RandomBrightness(0.1, value_range=(0, 255), seed=seed + 5),
-        ],
-        name="augment",
+    shape = tf.shape(images)
+    n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+
+    def uniform(lo, hi, offset):
+        return tf.random.uniform([n], lo, hi, seed=seed + offset)
+
+    theta = uniform(-ROTATION, ROTATION, 1)
+    inv_zoom = 1.0 / uniform(1.0 - ZOOM, 1.0 + ZOOM, 2)
+    tx, ty = uniform(-SHIFT, SHIFT, 3) * w, uniform(-SHIFT, SHIFT, 4) * h
+    flip = tf.where(uniform(0.0, 1.0, 5) < 0.5, -1.0, 1.0)
+    cos, sin = tf.cos(theta) * inv_zoom, tf.sin(theta) * inv_zoom
+    # Output pixel p maps to input M (p - c - t) + c, M = R(theta) / zoom * diag(flip, 1).
+    m00, m01, m10, m11 = cos * flip, -sin, sin * flip, cos
+    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+    a2 = cx - m00 * (cx + tx) - m01 * (cy + ty)
+    b2 = cy - m10 * (cx + tx) - m11 * (cy + ty)
+    zeros = tf.zeros_like(m00)
+    transforms = tf.stack([m00, m01, a2, m10, m11, b2, zeros, zeros], axis=1)
+    warped = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=shape[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
     )
+    mean = tf.reduce_mean(warped, axis=[1, 2, 3], keepdims=True)
+    contrast = tf.reshape(uniform(1.0 - CONTRAST, 1.0 + CONTRAST, 6), [-1, 1, 1, 1])
+    brightness = tf.reshape(uniform(-BRIGHTNESS, BRIGHTNESS, 7), [-1, 1, 1, 1])
+    return tf.clip_by_value((warped - mean) * contrast + mean + brightness, 0.0, 255.0)
 
 
 def make_dataset(
@@ -102,6 +131,5 @@ def make_dataset(
     )
     ds = ds.map(cast, num_parallel_calls=tf.data.AUTOTUNE)
     if training and augment:
-        aug = augmenter(seed)
-        ds = ds.map(lambda im, y: (aug(im, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda im, y: (augment_batch(im, seed), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
