@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from thyroid_cad import settings
+from thyroid_cad.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +61,6 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=settings.tracking_uri(), registry_uri=settings.tracking_uri())
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_export(directory: Path) -> tuple[Path, dict]:
     """(model.onnx path, card) of an export folder, checked against each other."""
     directory = Path(directory)
@@ -85,7 +76,7 @@ def read_export(directory: Path) -> tuple[Path, dict]:
     for key in ("class_names", "input_size", "threshold", "sha256", "heatmap", "parity"):
         if key not in card:
             raise RegistryError(f"model card {card_path} lacks '{key}'")
-    if _sha256(onnx_path) != card["sha256"]:
+    if sha256_file(onnx_path) != card["sha256"]:
         raise RegistryError(f"{onnx_path} does not match the SHA-256 in its model card")
     return onnx_path, card
 
@@ -404,7 +395,7 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
         raise _lookup_error(uri, e) from e
     sha = (mv.tags or {}).get("sha256", "")
     target = cache_root() / name / f"{mv.version}-{sha[:12]}"
-    hit = (target / "model.onnx").is_file() and _sha256(target / "model.onnx") == sha
+    hit = (target / "model.onnx").is_file() and sha256_file(target / "model.onnx") == sha
     if not hit:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -420,7 +411,7 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
             staged.mkdir()
             shutil.copy(local / "model.onnx", staged / "model.onnx")
             (staged / "model_card.json").write_text(json.dumps(card, indent=1))
-            got = _sha256(staged / "model.onnx")
+            got = sha256_file(staged / "model.onnx")
             if got != card["sha256"] or got != sha:
                 raise RegistryError(f"{uri}: downloaded file's SHA-256 {got[:12]} does not match")
             if target.exists():
@@ -474,6 +465,6 @@ def cached(uri: str) -> Resolved | None:
     if not (target / "model.onnx").is_file():
         return None
     card = json.loads((target / "model_card.json").read_text())
-    if _sha256(target / "model.onnx") != card["sha256"]:
+    if sha256_file(target / "model.onnx") != card["sha256"]:
         return None
     return Resolved(name, int(version), alias, target / "model.onnx", card, cached=True)

@@ -9,7 +9,6 @@ finishes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ import onnxruntime as ort
 
 from registry import store
 from service.errors import ApiError
+from thyroid_cad.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,6 @@ class LoadedModel:
         }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load(resolved: store.Resolved, providers: list[str]) -> LoadedModel:
     """Open and check a resolved model: hash matches the card, a warm-up inference runs.
 
@@ -81,7 +73,7 @@ def load(resolved: store.Resolved, providers: list[str]) -> LoadedModel:
         ValueError: the file fails a check; the caller keeps what it had.
     """
     card = resolved.card
-    if _sha256(resolved.onnx_path) != card.get("sha256"):
+    if sha256_file(resolved.onnx_path) != card.get("sha256"):
         raise ValueError(f"{resolved.name} v{resolved.version}: file does not match its card")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the CUDA provider's fallback warning on CPU hosts

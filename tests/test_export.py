@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from thyroid_cad import imaging, settings
+from thyroid_cad.files import sha256_file
 from training import export, models, phantom
 
 
@@ -26,7 +27,7 @@ def _session(path) -> ort.InferenceSession:
 
 def test_export_writes_graph_and_card(tiny_export):
     card = json.loads((tiny_export / "model_card.json").read_text())
-    assert card["sha256"] == export.sha256_file(tiny_export / "model.onnx")
+    assert card["sha256"] == sha256_file(tiny_export / "model.onnx")
     assert card["class_names"] == ["benign", "malignant"] and card["input_size"] == 64
     assert card["heatmap"] is True and card["heatmap_shape"][1:] == [8, 8, 2]
     assert card["parity"]["passed"] is True

@@ -12,6 +12,7 @@ import pytest
 
 from registry import store
 from thyroid_cad import imaging, settings
+from thyroid_cad.files import sha256_file
 from training import models, phantom
 
 
@@ -125,7 +126,7 @@ def test_resolve_caches_by_version_and_hash_and_repairs_tampering(home, tiny_exp
     assert store.resolve(f"{name}/{version}").onnx_path.stat().st_mtime_ns == mtime  # cache hit
     first.onnx_path.write_bytes(b"tampered")
     repaired = store.resolve(f"{name}@champion")
-    assert store._sha256(repaired.onnx_path) == repaired.card["sha256"]
+    assert sha256_file(repaired.onnx_path) == repaired.card["sha256"]
     offline = store.cached(f"{name}@champion")
     assert offline is not None and offline.cached and offline.version == version
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thyroid_cad.files import sha256_file
 from thyroid_cad.imaging import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class Dataset:
         """Content hash of every file (computed once, in parallel)."""
         if self._sha256 is None:
             with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-                self._sha256 = list(pool.map(file_sha256, (r.path for r in self.records)))
+                self._sha256 = list(pool.map(sha256_file, (r.path for r in self.records)))
         return self._sha256
 
     def fingerprint(self) -> str:
@@ -118,14 +119,6 @@ class Dataset:
             manifest=self.manifest,
             _sha256=[shas[i] for i in indices] if shas is not None else None,
         )
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _order_classes(names: set[str]) -> tuple[str, ...]:

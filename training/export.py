@@ -11,7 +11,6 @@ SVM and Random Forest models are the feature graph and the scikit-learn classifi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -30,6 +29,7 @@ from keras import layers, ops
 from PIL import Image
 
 from thyroid_cad import imaging
+from thyroid_cad.files import sha256_file
 from training import models
 
 log = logging.getLogger(__name__)
@@ -183,14 +183,6 @@ def heatmap_correlations(onnx_maps: np.ndarray, reference: np.ndarray, size: int
             )
         )
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_model(
