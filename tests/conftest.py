@@ -95,13 +95,12 @@ def tiny_export(tiny_run, session_home, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def served(home, tiny_export, tmp_path):
-    """A registered champion and service settings pointing at it, with two API keys.
+def make_served(export: Path, work: Path, label: str):
+    """Register `export` as a fresh model's champion; settings and keys to serve it.
 
-    Yields a SimpleNamespace: settings (service.config.Settings), name (registered model),
-    predict_key and admin_key (bearer tokens), export (the ONNX export folder).
-    The app itself is made by the test: `TestClient(create_app(served.settings))`.
+    Returns a SimpleNamespace: settings (service.config.Settings), name (registered
+    model), version, predict_key and admin_key (bearer tokens), export, db_path, spool.
+    Call it with THYROID_CAD_HOME / MLFLOW_TRACKING_URI already pointing at the store.
     """
     import uuid
     from types import SimpleNamespace
@@ -110,25 +109,42 @@ def served(home, tiny_export, tmp_path):
     from service.config import Settings
     from service.db import AuditStore
 
-    name = f"served-{uuid.uuid4().hex[:8]}"
-    version = store.register(tiny_export, name)
+    name = f"{label}-{uuid.uuid4().hex[:8]}"
+    version = store.register(export, name)
     store.promote(version, "champion", name)
     settings = Settings(
         model=f"{name}@champion",
         poll_interval_s=0.5,
-        database_url=f"sqlite:///{tmp_path / 'requests.db'}",
-        spool_dir=tmp_path / "spool",
+        database_url=f"sqlite:///{work / 'requests.db'}",
+        spool_dir=work / "spool",
     )
     audit = AuditStore(settings.audit_url(), settings.audit_spool())
     audit.migrate()
-    predict_key = audit.create_key("predict", "tests")[1]
-    admin_key = audit.create_key("admin", "tests")[1]
+    predict_key = audit.create_key("predict", label)[1]
+    admin_key = audit.create_key("admin", label)[1]
     audit.close()
-    yield SimpleNamespace(
+    return SimpleNamespace(
         settings=settings,
         name=name,
+        version=version,
+        export=export,
         predict_key=predict_key,
         admin_key=admin_key,
-        export=tiny_export,
-        version=version,
+        db_path=work / "requests.db",
+        spool=work / "spool",
     )
+
+
+@pytest.fixture
+def served(home, tiny_export, tmp_path):
+    """make_served() for one test; the app is made by the test:
+    `TestClient(create_app(served.settings))`."""
+    return make_served(tiny_export, tmp_path, "served")
+
+
+@pytest.fixture(scope="module")
+def served_module(session_home, tiny_export, tmp_path_factory):
+    """make_served() shared by a module's tests (the store stays pointed at it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, session_home)
+        yield make_served(tiny_export, tmp_path_factory.mktemp("served"), "module")

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import io
 import struct
-import uuid
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -35,47 +34,25 @@ PATIENT_ID = "PID-8675309-Q"
 
 # -- the service, once for the module -------------------------------------------------
 @pytest.fixture(scope="module")
-def service(session_home, tiny_export, tmp_path_factory):
-    """One app for the whole corpus (so "it still serves afterwards" means something).
-
-    The same set-up as conftest's function-scoped `served`: a champion registered from
-    the tiny export, a SQLite audit database, a predict and an admin key.
-    """
-    from registry import store
-    from service.config import Settings
-    from service.db import AuditStore
-
-    tmp = tmp_path_factory.mktemp("bad-input")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("THYROID_CAD_HOME", str(session_home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        name = f"bad-input-{uuid.uuid4().hex[:8]}"
-        version = store.register(tiny_export, name)
-        store.promote(version, "champion", name)
-        settings = Settings(
-            model=f"{name}@champion",
-            poll_interval_s=0.5,
-            database_url=f"sqlite:///{tmp / 'requests.db'}",
-            spool_dir=tmp / "spool",
+def service(served_module):
+    """One app for the whole corpus (so "it still serves afterwards" means something);
+    conftest's make_served: champion from the tiny export, SQLite audit, two keys."""
+    settings, name, version = served_module.settings, served_module.name, served_module.version
+    predict_key, admin_key = served_module.predict_key, served_module.admin_key
+    tmp = served_module.db_path.parent
+    # raise_server_exceptions=False: a crash must show up as the 500 a client would
+    # see, so the assertions below say which input caused it.
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield SimpleNamespace(
+            client=client,
+            settings=settings,
+            name=name,
+            version=version,
+            predict_key=predict_key,
+            admin_key=admin_key,
+            db_path=tmp / "requests.db",
+            spool=tmp / "spool",
         )
-        audit = AuditStore(settings.audit_url(), settings.audit_spool())
-        audit.migrate()
-        predict_key = audit.create_key("predict", "bad-input")[1]
-        admin_key = audit.create_key("admin", "bad-input")[1]
-        audit.close()
-        # raise_server_exceptions=False: a crash must show up as the 500 a client would
-        # see, so the assertions below say which input caused it.
-        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
-            yield SimpleNamespace(
-                client=client,
-                settings=settings,
-                name=name,
-                version=version,
-                predict_key=predict_key,
-                admin_key=admin_key,
-                db_path=tmp / "requests.db",
-                spool=tmp / "spool",
-            )
 
 
 def _auth(key: str) -> dict:

@@ -14,7 +14,6 @@ import json
 import socket
 import threading
 import time
-import uuid
 from types import SimpleNamespace
 
 import httpx
@@ -42,76 +41,50 @@ def _png(label: str = "malignant", seed: int = 0, size: int = 160) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(session_home, tiny_export, tmp_path_factory):
-    """The service under uvicorn on 127.0.0.1:<free port>, for the whole module.
-
-    The same set-up as conftest's `served` (a champion registered from the tiny export,
-    a SQLite audit database, a predict and an admin key), module-scoped so one server
-    answers every test here.
-    """
-    from registry import store
-    from service.config import Settings
-    from service.db import AuditStore
-
-    tmp = tmp_path_factory.mktemp("oip")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("THYROID_CAD_HOME", str(session_home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        name = f"oip-{uuid.uuid4().hex[:8]}"
-        version = store.register(tiny_export, name)
-        store.promote(version, "champion", name)
-        settings = Settings(
-            model=f"{name}@champion",
-            poll_interval_s=0.5,
-            database_url=f"sqlite:///{tmp / 'requests.db'}",
-            spool_dir=tmp / "spool",
-        )
-        audit = AuditStore(settings.audit_url(), settings.audit_spool())
-        audit.migrate()
-        predict_key = audit.create_key("predict", "oip-tests")[1]
-        admin_key = audit.create_key("admin", "oip-tests")[1]
-        audit.close()
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=port, log_level="warning"
-        )
-        uv = uvicorn.Server(config)
-        thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert thread.is_alive(), "uvicorn exited during start-up"
-            assert time.monotonic() < deadline, "the service did not become ready in 60 s"
-            time.sleep(0.1)
-        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
-        card = json.loads((tiny_export / "model_card.json").read_text())
+def server(served_module):
+    """The service under uvicorn on 127.0.0.1:<free port>, for the whole module
+    (conftest's make_served: champion from the tiny export, SQLite audit, two keys)."""
+    name, version, settings = served_module.name, served_module.version, served_module.settings
+    predict_key, admin_key = served_module.predict_key, served_module.admin_key
+    tiny_export = served_module.export
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
         try:
-            yield SimpleNamespace(
-                url=f"127.0.0.1:{port}",
-                base=base,
-                name=name,
-                version=version,
-                predict_key=predict_key,
-                admin_key=admin_key,
-                export=tiny_export,
-                card=card,
-                size=int(card["input_size"]),
-                classes=card["class_names"],
-            )
-        finally:
-            uv.should_exit = True
-            thread.join(timeout=15)
-            sock.close()
+            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert thread.is_alive(), "uvicorn exited during start-up"
+        assert time.monotonic() < deadline, "the service did not become ready in 60 s"
+        time.sleep(0.1)
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+    card = json.loads((tiny_export / "model_card.json").read_text())
+    try:
+        yield SimpleNamespace(
+            url=f"127.0.0.1:{port}",
+            base=base,
+            name=name,
+            version=version,
+            predict_key=predict_key,
+            admin_key=admin_key,
+            export=tiny_export,
+            card=card,
+            size=int(card["input_size"]),
+            classes=card["class_names"],
+        )
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
     assert not thread.is_alive(), "uvicorn did not stop"
 
 
