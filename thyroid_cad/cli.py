@@ -19,7 +19,8 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(
-    help="Thyroid nodule CAD: demo data, dataset audit, training, sweeps.",
+    help="Thyroid nodule CAD: demo data, dataset audit, training, sweeps, ONNX export, "
+    "model registry, inference service. Research software: not for diagnostic use.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
