@@ -104,11 +104,13 @@ def register(directory: Path, name: str = DEFAULT_NAME) -> int:
     store (so the version links back to it), else to a run of the experiment
     `thyroid-cad-registry`.
     """
-    import mlflow
-    import numpy as np
-    import onnx
-
     onnx_path, card = read_export(directory)
+    try:
+        import mlflow
+        import numpy as np
+        import onnx
+    except ImportError as e:  # a serving-only install has neither onnx nor full mlflow
+        raise RegistryError(f"registering needs the 'train' extra ({e.name} is missing)") from e
     # register_model uses the process-wide registry URI: pin it to the store we work on.
     mlflow.set_tracking_uri(settings.tracking_uri())
     mlflow.set_registry_uri(settings.tracking_uri())

@@ -428,7 +428,7 @@ def keys_list():
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id (from keys list).")]):
-    """Revoke a key at once."""
+    """Revoke a key (a running service may trust a key it verified for up to 5 minutes)."""
     with user_errors():
         store = _audit_store()
         found = store.revoke_key(key_id)
