@@ -45,7 +45,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, description="Largest accepted width x height.")
 
     def audit_url(self) -> str:
-        return self.database_url or f"sqlite:///{paths.home() / 'requests.db'}"
+        if self.database_url:
+            return self.database_url  # a folder missing here is an outage, not ours to make
+        paths.home().mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{paths.home() / 'requests.db'}"
 
     def audit_spool(self) -> Path:
         return self.spool_dir or paths.home() / "audit-spool"

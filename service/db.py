@@ -356,7 +356,6 @@ class AuditStore:
         import fcntl
 
         lock_path = pathlib.Path(f"{url.database}.migrate.lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "a+b") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
