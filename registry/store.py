@@ -266,6 +266,31 @@ def _record(name: str, event: dict) -> None:
     client().set_registered_model_tag(name, key, json.dumps(event, sort_keys=True))
 
 
+def _move_alias(
+    name: str,
+    alias: str,
+    version: int,
+    previous: int | None,
+    action: str,
+    reason: str | None,
+    **extra,
+) -> dict:
+    """Point the alias at version and record who did it, when and why."""
+    client().set_registered_model_alias(name, alias, str(version))
+    event = {
+        "action": action,
+        "alias": alias,
+        "version": version,
+        "previous": previous,
+        "who": _who(),
+        "when": datetime.now(UTC).isoformat(timespec="microseconds"),
+        "why": reason or "",
+        **extra,
+    }
+    _record(name, event)
+    return event
+
+
 def _who() -> str:
     return os.environ.get("THYROID_CAD_USER") or getpass.getuser()
 
@@ -300,19 +325,16 @@ def promote(
             )
     if problems and not force:
         raise RegistryError("; ".join(problems) + " (use --force --reason to override)")
-    client().set_registered_model_alias(name, alias, str(version))
-    event = {
-        "action": "promote",
-        "alias": alias,
-        "version": version,
-        "previous": previous,
-        "who": _who(),
-        "when": datetime.now(UTC).isoformat(timespec="microseconds"),
-        "why": reason or "",
-        "forced": bool(problems),
-        "overridden": problems,
-    }
-    _record(name, event)
+    event = _move_alias(
+        name,
+        alias,
+        version,
+        previous,
+        "promote",
+        reason,
+        forced=bool(problems),
+        overridden=problems,
+    )
     client().set_model_version_tag(name, str(version), f"promoted_to_{alias}", event["when"])
     return event
 
@@ -333,18 +355,7 @@ def rollback(alias: str = "champion", name: str = DEFAULT_NAME, reason: str | No
     if len(stack) < 2 or current is None:
         raise RegistryError(f"{name}@{alias} has no previous version to roll back to")
     target = stack[-2]
-    client().set_registered_model_alias(name, alias, str(target))
-    event = {
-        "action": "rollback",
-        "alias": alias,
-        "version": target,
-        "previous": current,
-        "who": _who(),
-        "when": datetime.now(UTC).isoformat(timespec="microseconds"),
-        "why": reason or "",
-    }
-    _record(name, event)
-    return event
+    return _move_alias(name, alias, target, current, "rollback", reason)
 
 
 def parse_uri(uri: str) -> tuple[str, str | None, int | None]:

@@ -367,8 +367,7 @@ def predict_upload(
     version: int | None = None,
     name: str | None = None,
 ) -> JSONResponse:
-    audited = Audited(request, route, key)
-    try:
+    with Audited(request, route, key) as audited:
         settings: Settings = request.app.state.settings
         model, via = request.app.state.models.get(alias=alias, version=version, name=name)
         audited.record.update(model_name=model.name, model_version=model.version)
@@ -427,12 +426,6 @@ def predict_upload(
         return JSONResponse(
             body.model_dump(by_alias=True), headers={"X-Request-ID": audited.record["request_id"]}
         )
-    except ApiError as e:
-        audited.finish(e.status, e.code)
-        raise
-    except Exception:
-        audited.finish(500, "internal_error")
-        raise
 
 
 def _routes(app: FastAPI, settings: Settings) -> None:
@@ -541,10 +534,11 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         """Readiness: a model is loaded (503 otherwise), with where it came from."""
         manager: ModelManager = request.app.state.models
         audit = request.app.state.audit
+        loaded = manager.loaded()
         body = {
             "ready": manager.ready,
             "registry_reachable": manager.registry_reachable,
-            "serving_from_cache": any(m["from_cache"] for m in manager.loaded()),
+            "serving_from_cache": any(m["from_cache"] for m in loaded),
             "models": [
                 {
                     "version": m["version"],
@@ -552,7 +546,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
                     "provider": m["provider"],
                     "from_cache": m["from_cache"],
                 }
-                for m in manager.loaded()
+                for m in loaded
             ],
             "audit_database": audit.healthy(),
             "audit_spooled": audit.spooled(),

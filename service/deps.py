@@ -70,7 +70,10 @@ AdminKey = Annotated[object, Depends(admin_scope)]
 
 
 class Audited:
-    """Collects what the audit record of one predict request needs, and writes it."""
+    """Collects what the audit record of one predict request needs, and writes it.
+
+    Use as a context manager; the handler calls finish(200) on success.
+    """
 
     def __init__(self, request: Request, route: str, key):
         self.request, self.route = request, route
@@ -82,11 +85,22 @@ class Audited:
         }
         self.start = time.perf_counter()
 
-    def finish(self, status: int, error_code: str | None = None, model_version=None) -> None:
+    def __enter__(self) -> Audited:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        """A request that raised is recorded too: its ApiError, or a 500."""
+        if isinstance(exc, ApiError):
+            self.finish(exc.status, exc.code)
+        elif exc is not None:
+            self.finish(500, "internal_error")
+        return False
+
+    def finish(self, status: int, error_code: str | None = None) -> None:
         app = self.request.app
         self.record.update(status_code=status, error_code=error_code)
         app.state.audit.record(self.record)
-        version = str(model_version or self.record.get("model_version") or "none")
+        version = str(self.record.get("model_version") or "none")
         elapsed = time.perf_counter() - self.start
         app.state.metrics.requests.labels(self.route, version, str(status)).inc()
         app.state.metrics.latency.labels(self.route, version).observe(elapsed)

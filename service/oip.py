@@ -227,8 +227,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
     @app.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"])
     async def infer(request: Request, key: PredictKey, name: str, version: str | None = None):
         """OIP inference: probabilities and heatmap tensors."""
-        audited = Audited(request, "/v2/models/{name}/infer", key)
-        try:
+        with Audited(request, "/v2/models/{name}/infer", key) as audited:
             model = _model(request, name, version)
             audited.record.update(model_name=model.name, model_version=model.version)
             limits: Settings = request.app.state.settings
@@ -286,9 +285,3 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
                 "parameters": {"disclaimer": model.card.get("disclaimer"), "class_names": names},
                 "outputs": outputs,
             }
-        except ApiError as e:
-            audited.finish(e.status, e.code)
-            raise
-        except Exception:
-            audited.finish(500, "internal_error")
-            raise
