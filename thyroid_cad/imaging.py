@@ -98,23 +98,25 @@ def letterbox(rgb: np.ndarray, size: int) -> np.ndarray:
     Aspect is kept on purpose: "taller than wide" is a TI-RADS malignancy feature,
     and stretching frames of different shapes would distort it.
     """
-    h, w = rgb.shape[:2]
-    scale = size / max(h, w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left, new_h, new_w = _placement(*rgb.shape[:2], size)
     resized = Image.fromarray(rgb).resize(
         (new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0
     )
     out = np.zeros((size, size, 3), dtype=np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = np.asarray(resized)
     return out
 
 
+def _placement(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of an h x w image letterboxed into size x size."""
+    scale = size / max(h, w)
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
+
+
 def prepare(rgb: np.ndarray, size: int) -> np.ndarray:
     """The model's input: crop to content, then letterbox to size x size, uint8."""
-    if size < 8:
-        raise ValueError(f"image size must be at least 8 pixels, got {size}")
-    return letterbox(crop_to_content(rgb), size)
+    return prepare_with_geometry(rgb, size)[0]
 
 
 @dataclass(frozen=True)
@@ -130,13 +132,12 @@ class Geometry:
 
 def prepare_with_geometry(rgb: np.ndarray, size: int) -> tuple[np.ndarray, Geometry]:
     """prepare(), plus what it takes to map a map on the square back onto the frame."""
+    if size < 8:
+        raise ValueError(f"image size must be at least 8 pixels, got {size}")
     box = content_box(rgb)
     top, left, bottom, right = box
     square = letterbox(rgb[top:bottom, left:right], size)
-    h, w = bottom - top, right - left
-    scale = size / max(h, w)
-    ph, pw = max(1, round(h * scale)), max(1, round(w * scale))
-    placed = ((size - ph) // 2, (size - pw) // 2, ph, pw)
+    placed = _placement(bottom - top, right - left, size)
     return square, Geometry(rgb.shape[0], rgb.shape[1], box, placed, size)
 
 

@@ -101,6 +101,7 @@ class Leakage:
     exact: list[list[int]]  # byte-identical groups
     near: list[list[int]]  # near-duplicate groups (transitive), more than one exact group
     near_pairs: list[tuple[int, int]]  # the direct near-duplicate links
+    cases: dict[str, list[int]]  # manifest case id -> its images
     group: list[int]  # leakage group id per image: case, exact and near links, transitively
 
     def label_conflicts(self, labels: list[str]) -> list[list[int]]:
@@ -137,7 +138,7 @@ def leakage_groups(
             uf.union(members[0], j)
     shas = dataset.sha256()
     near = [g for g in near_uf.groups() if len(g) > 1 and len({shas[i] for i in g}) > 1]
-    return Leakage(exact, near, pairs, [uf.find(i) for i in range(n)])
+    return Leakage(exact, near, pairs, dict(by_case), [uf.find(i) for i in range(n)])
 
 
 def audit(dataset: Dataset, max_bits: int = NEAR_DUPLICATE_BITS) -> dict:
@@ -156,10 +157,7 @@ def audit(dataset: Dataset, max_bits: int = NEAR_DUPLICATE_BITS) -> dict:
 
     cross = []
     labelled_groups = [("exact", g) for g in exact] + [("near", g) for g in near]
-    by_case: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        if r.case_id:
-            by_case[r.case_id].append(i)
+    by_case = leakage.cases
     labelled_groups += [("case", g) for g in by_case.values()]
     for kind, group in labelled_groups:
         group_splits = sorted({records[i].split for i in group if records[i].split})

@@ -126,7 +126,7 @@ def _class_weights(y: np.ndarray, k: int) -> dict[int, float]:
     return {i: float(len(y) / (k * c)) if c else 0.0 for i, c in enumerate(counts)}
 
 
-def _compile(model: keras.Model, learning_rate: float, num_classes: int) -> None:
+def _compile(model: keras.Model, learning_rate: float) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(),
@@ -136,7 +136,6 @@ def _compile(model: keras.Model, learning_rate: float, num_classes: int) -> None
 
 def _fit(model, cfg: TrainConfig, train_ds, val_ds, class_weight, history) -> None:
     """Fine-tune by strategy; two-phase warms the head up frozen, then opens the top."""
-    k = model.output.shape[-1]
     lr = cfg.learning_rate or (1e-4 if cfg.pretrained and cfg.strategy != "frozen" else 1e-3)
     phases = (
         [
@@ -152,7 +151,7 @@ def _fit(model, cfg: TrainConfig, train_ds, val_ds, class_weight, history) -> No
         log.info(
             "phase %s: %d epochs at lr %g, trainable blocks %s", strategy, epochs, rate, opened
         )
-        _compile(model, rate, k)
+        _compile(model, rate)
         model.fit(
             train_ds,
             validation_data=val_ds,
