@@ -39,6 +39,7 @@ COPY pyproject.toml ./
 # The application code, in one place for both build stages below.
 FROM scratch AS source
 COPY pyproject.toml README.md /app/
+COPY cli/ /app/cli/
 COPY thyroid_cad/ /app/thyroid_cad/
 COPY training/ /app/training/
 COPY registry/ /app/registry/

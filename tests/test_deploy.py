@@ -285,7 +285,7 @@ class Topology:
     """
 
     PROGRAMS = {
-        "thyroid-cad": ["-m", "thyroid_cad.cli"],
+        "thyroid-cad": ["-m", "cli"],
         "mlflow": ["-m", "mlflow"],
         "python": [],
     }

@@ -175,7 +175,7 @@ def test_registered_model_scores_through_mlflow_pyfunc(home, tiny_export):
 def _cli(*args, home_dir):
     env = {"THYROID_CAD_HOME": str(home_dir), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run(
-        [sys.executable, "-m", "thyroid_cad.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -363,7 +363,7 @@ def test_registry_with_postgresql_backend(tiny_export, postgres_db, mlflow_serve
 
     def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run(
-            [sys.executable, "-m", "thyroid_cad.cli", "registry", *args],
+            [sys.executable, "-m", "cli", "registry", *args],
             cwd=tmp_path,
             env=env,
             capture_output=True,

@@ -149,7 +149,7 @@ def test_bad_configuration_is_refused_before_training(phantom_root):
 def _cli(*args, env_home):
     env = {"THYROID_CAD_HOME": str(env_home), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run(
-        [sys.executable, "-m", "thyroid_cad.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         env=env,

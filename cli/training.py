@@ -1,0 +1,154 @@
+"""`thyroid-cad train`, `sweep` and `export`: the ML engineer's jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import app, fail, log, user_errors
+
+
+class Backbone(StrEnum):
+    tiny = "tiny"
+    vgg16 = "vgg16"
+    vgg19 = "vgg19"
+    resnet50 = "resnet50"
+    efficientnetb0 = "efficientnetb0"
+
+
+class Strategy(StrEnum):
+    frozen = "frozen"
+    partial = "partial"
+    full = "full"
+    two_phase = "two-phase"
+
+
+class Classifier(StrEnum):
+    softmax = "softmax"
+    svm = "svm"
+    rf = "rf"
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset root.")],
+    backbone: Annotated[Backbone, typer.Option(help="Convolutional base.")] = Backbone.tiny,
+    strategy: Annotated[Strategy, typer.Option(help="Fine-tuning strategy.")] = Strategy.full,
+    classifier: Annotated[
+        Classifier, typer.Option(help="Head: softmax, or SVM / RF on pooled features.")
+    ] = Classifier.softmax,
+    epochs: Annotated[int, typer.Option(help="Training epochs (two-phase: both phases).")] = 10,
+    image_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 224,
+    weights: Annotated[
+        str, typer.Option(help="'imagenet' (Keras cache), 'none', or a local weights file.")
+    ] = "none",
+    init_from: Annotated[
+        str | None, typer.Option(help="Start the backbone from this MLflow run's model.")
+    ] = None,
+    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    unfreeze_blocks: Annotated[
+        int, typer.Option(help="Blocks from the top that 'partial' and 'two-phase' unfreeze.")
+    ] = 1,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Default: 1e-3, or 1e-4 when fine-tuning learned weights.")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the split, initialisation and augmentation.")
+    ] = 0,
+    max_images: Annotated[
+        int | None, typer.Option(help="Stratified subsample of the dataset (quick runs).")
+    ] = None,
+    target_sensitivity: Annotated[
+        float, typer.Option(help="Operating point chosen on validation.")
+    ] = 0.90,
+    progressive_via: Annotated[
+        Path | None,
+        typer.Option(help="Intermediate dataset (radiographs) for progressive transfer."),
+    ] = None,
+    via_epochs: Annotated[
+        int | None, typer.Option(help="Epochs on the intermediate dataset.")
+    ] = None,
+    via_max_images: Annotated[
+        int | None, typer.Option(help="Subsample of the intermediate dataset.")
+    ] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
+):
+    """Train one model and log it to MLflow; prints the run id last."""
+    from training.train import TrainConfig, train_progressive
+    from training.train import train as run
+
+    cfg = TrainConfig(
+        data=str(data),
+        backbone=backbone.value,
+        strategy=strategy.value,
+        classifier=classifier.value,
+        epochs=epochs,
+        image_size=image_size,
+        weights=weights,
+        init_from=init_from,
+        manifest=str(manifest) if manifest else None,
+        unfreeze_blocks=unfreeze_blocks,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        max_images=max_images,
+        target_sensitivity=target_sensitivity,
+        experiment=experiment,
+    )
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        if progressive_via:
+            run_id = train_progressive(cfg, str(progressive_via), via_epochs, None, via_max_images)
+        else:
+            run_id = run(cfg)
+    typer.echo(run_id)
+
+
+@app.command()
+def sweep(
+    config: Annotated[
+        Path, typer.Argument(help="YAML sweep configuration (see docs/training.md).")
+    ],
+    fresh: Annotated[
+        bool, typer.Option(help="Start a new sweep instead of resuming an unfinished one.")
+    ] = False,
+):
+    """Train a grid of backbone x strategy x classifier x stage; prints the parent run id last."""
+    from training import sweep as sweeps
+
+    with user_errors():
+        spec = sweeps.load_config(config)
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        parent_id, table = sweeps.run_sweep(spec, resume=not fresh)
+    typer.echo(table)
+    typer.echo(parent_id)
+
+
+@app.command()
+def export(
+    run_id: Annotated[str, typer.Argument(help="Training run (or progressive / sweep parent).")],
+    out: Annotated[Path, typer.Option(help="Folder for model.onnx and model_card.json.")] = Path(
+        "export"
+    ),
+):
+    """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card."""
+    from training import export as exporter
+    from training import tracking
+
+    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+        tracking.setup_uri()
+        card = exporter.export_run(run_id, out)
+    parity = card["parity"]
+    log.info("parity %s: %s", "passed" if parity["passed"] else "FAILED", json.dumps(parity))
+    typer.echo(str(out / "model.onnx"))
+    if not parity["passed"]:
+        raise fail(
+            "the exported model failed its parity check; the registry will refuse to promote it",
+            code=1,
+        )
