@@ -75,6 +75,13 @@ def _auth(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
+def _infer(server, headers: dict | None = None, **request) -> httpx.Response:
+    """POST /v2/models/{name}/infer with httpx (the predict key unless headers say)."""
+    url = f"{server.base}/v2/models/{server.name}/infer"
+    headers = _auth(server.predict_key) if headers is None else headers
+    return httpx.post(url, headers=headers, timeout=60, **request)
+
+
 def _frames(server, n: int = 3) -> np.ndarray:
     labels = ["benign", "malignant"]
     return np.stack(
@@ -86,6 +93,12 @@ def _uint8_input(batch: np.ndarray, binary: bool) -> triton.InferInput:
     tensor = triton.InferInput("image", list(batch.shape), "UINT8")
     tensor.set_data_from_numpy(batch, binary_data=binary)
     return tensor
+
+
+def _uint8_json(batch: np.ndarray, nested: bool = False) -> dict:
+    """The UINT8 input tensor in JSON: its values flat (row-major) or nested."""
+    data = batch.tolist() if nested else batch.ravel().tolist()
+    return {"name": "image", "datatype": "UINT8", "shape": list(batch.shape), "data": data}
 
 
 def _bytes_input(files: list[bytes]) -> triton.InferInput:
@@ -218,12 +231,7 @@ def test_json_bytes_as_base64_strings_with_httpx(server):
         ],
         "outputs": [{"name": "probabilities"}],
     }
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json=body,
-        headers=_auth(server.predict_key),
-        timeout=60,
-    )
+    r = _infer(server, json=body)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["id"] == "b64" and [o["name"] for o in out["outputs"]] == ["probabilities"]
@@ -239,32 +247,14 @@ def test_json_bytes_as_base64_strings_with_httpx(server):
         np.testing.assert_allclose(got[i], [v1[c] for c in server.classes], atol=1e-5)
 
     bad = {**body, "inputs": [{**body["inputs"][0], "data": ["not base64!"]}]}
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json=bad,
-        headers=_auth(server.predict_key),
-    )
+    r = _infer(server, json=bad)
     assert r.status_code == 400 and r.json()["error"].startswith("invalid_tensor:")
 
 
 def test_json_uint8_nested_data_with_httpx(server, onnx_session):
     batch = _frames(server, n=1)
-    body = {
-        "inputs": [
-            {
-                "name": "image",
-                "datatype": "UINT8",
-                "shape": list(batch.shape),
-                "data": batch.tolist(),
-            }  # fmt: skip
-        ]
-    }
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json=body,
-        headers=_auth(server.predict_key),
-        timeout=60,
-    )
+    body = {"inputs": [_uint8_json(batch, nested=True)]}
+    r = _infer(server, json=body)
     assert r.status_code == 200, r.text
     outputs = {o["name"]: o for o in r.json()["outputs"]}
     got = np.asarray(outputs["probabilities"]["data"]).reshape(outputs["probabilities"]["shape"])
@@ -331,9 +321,7 @@ def test_too_few_values_for_the_shape_is_400(server):
     s = server.size
     body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, s, s, 3],
                         "data": [0] * (s * s * 3)}]}  # fmt: skip
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer", json=body, headers=_auth(server.predict_key)
-    )
+    r = _infer(server, json=body)
     assert r.status_code == 400 and r.json()["error"].startswith("invalid_shape:")
 
 
@@ -391,17 +379,13 @@ def test_infer_needs_a_predict_key(client, server):
 
 
 def test_invalid_json_body_is_400(server):
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
+    r = _infer(
+        server,
         content=b"{not json",
         headers={**_auth(server.predict_key), "content-type": "application/json"},
     )
     assert r.status_code == 400 and r.json()["error"].startswith("invalid_json:")
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json={"inputs": []},
-        headers=_auth(server.predict_key),
-    )
+    r = _infer(server, json={"inputs": []})
     assert r.status_code == 400 and r.json()["error"].startswith("invalid_request:")
 
 
@@ -432,25 +416,13 @@ def test_binary_outputs_are_raw_little_endian_bytes_after_the_json_header(
     count in parameters.binary_data_size; the bytes follow the header in output order."""
     batch = _frames(server, n=2)
     body = {
-        "inputs": [
-            {
-                "name": "image",
-                "datatype": "UINT8",
-                "shape": list(batch.shape),
-                "data": batch.ravel().tolist(),
-            }
-        ],
+        "inputs": [_uint8_json(batch)],
         "outputs": [
             {"name": "heatmap", "parameters": {"binary_data": True}},
             {"name": "probabilities", "parameters": {"binary_data": False}},
         ],
     }
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json=body,
-        headers=_auth(server.predict_key),
-        timeout=60,
-    )
+    r = _infer(server, json=body)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/octet-stream"
     header, raw = _split_binary(r)
@@ -467,12 +439,7 @@ def test_binary_outputs_are_raw_little_endian_bytes_after_the_json_header(
 
     # binary_data_output on the request: every output binary, in order, back to back
     body = {"inputs": body["inputs"], "parameters": {"binary_data_output": True}}
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json=body,
-        headers=_auth(server.predict_key),
-        timeout=60,
-    )
+    r = _infer(server, json=body)
     header, raw = _split_binary(r)
     sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
     assert [o["name"] for o in header["outputs"]] == ["probabilities", "heatmap"]
@@ -552,20 +519,10 @@ def test_tritonclient_binary_outputs_match_its_json_outputs(client, server):
 def test_a_request_the_schema_refuses_is_400(server, change, code):
     png = base64.b64encode(_png()).decode()
     body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [png]}]}
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json={**body, **change},
-        headers=_auth(server.predict_key),
-        timeout=60,
-    )
+    r = _infer(server, json={**body, **change})
     assert r.status_code == 400, r.text
     assert r.json()["error"].startswith(f"{code}:"), r.text
-    ok = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json=body,
-        headers=_auth(server.predict_key),
-        timeout=60,
-    )
+    ok = _infer(server, json=body)
     assert ok.status_code == 200, ok.text
 
 
@@ -593,8 +550,8 @@ def test_unversioned_routes_take_no_version_query(server):
     ids=["nested-too-deep", "header-nested-too-deep", "not-utf8"],
 )
 def test_json_no_parser_can_read_is_400(server, body):
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
+    r = _infer(
+        server,
         content=body,
         headers={**_auth(server.predict_key), "content-type": "application/json"},
     )
