@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import ModelName, app, user_errors
+from cli.common import ModelName, app, quiet_cuda_probes, user_errors
 
 registry_app = typer.Typer(
     help="MLflow model registry: versions, aliases (champion, challenger), promotion gate.",
@@ -27,7 +27,8 @@ def registry_register(
     """Log an exported model (MLflow ONNX flavor) and register a new version; prints it last."""
     from registry import store
 
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    # MLflow checks the logged model in onnxruntime with its CUDA provider first.
+    with user_errors(), contextlib.redirect_stdout(sys.stderr), quiet_cuda_probes():
         version = store.register(directory, name)
     typer.echo(str(version))
 

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
+from cli.common import app, fail, log, start_tensorflow, user_errors
 
 
 class Backbone(StrEnum):
@@ -81,6 +81,7 @@ def train(
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
 ):
     """Train one model and log it to MLflow; prints the run id last."""
+    start_tensorflow()
     from training.train import TrainConfig, train_progressive
     from training.train import train as run
 
@@ -120,6 +121,7 @@ def sweep(
     ] = False,
 ):
     """Train a grid of backbone x strategy x classifier x stage; prints the parent run id last."""
+    start_tensorflow()
     from training import sweep as sweeps
 
     with user_errors():
@@ -138,6 +140,7 @@ def export(
     ),
 ):
     """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card."""
+    start_tensorflow()
     from training import export as exporter
     from training import tracking
 

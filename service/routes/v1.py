@@ -5,18 +5,19 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from service import heatmaps, inference
 from service.config import Settings
 from service.deps import AdminKey, Audited, PredictKey, auth_first
 from service.errors import ApiError
 from service.models import ModelManager
-from service.schemas import DISCLAIMER, ErrorOut, PredictResponse, TimingsOut
+from service.schemas import DISCLAIMER, SQL_INT_MAX, ErrorOut, PredictResponse, TimingsOut
 
 
 def errors(*statuses: int) -> dict:
@@ -31,7 +32,18 @@ def errors(*statuses: int) -> dict:
         422: "A parameter fails the schema.",
         503: "No model loaded, the queue is full (Retry-After), or a dependency is down.",
     }
-    return {s: {"model": ErrorOut, "description": why[s]} for s in statuses}
+    return {s: {"model": ErrorOut, "description": why[s]} | extra(s) for s in statuses}
+
+
+def extra(status: int) -> dict:
+    """What an error answer carries besides its body: Retry-After on 503 overloaded."""
+    if status != 503:
+        return {}
+    retry = {
+        "description": "Seconds to wait (when the queue is full).",
+        "schema": {"type": "integer"},
+    }
+    return {"headers": {"Retry-After": retry}}
 
 
 PREDICT_ERRORS = errors(400, 401, 403, 404, 413, 415, 422, 503)
@@ -159,7 +171,9 @@ def predict_alias(
 def predict_version(
     request: Request,
     name: str,
-    version: Annotated[int, Path(ge=1, description="Registered model version (1, 2, ...).")],
+    version: Annotated[
+        int, Path(ge=1, le=SQL_INT_MAX, description="Registered model version (1, 2, ...).")
+    ],
     key: PredictKey,
     file: Upload,
     heatmap: HeatmapQ = "png",
@@ -186,11 +200,13 @@ def models(request: Request, key: PredictKey):
 
 
 def _when(value: str | None, name: str) -> datetime | None:
+    """The query's date or date-time in UTC (no offset: UTC); 400 if it is no such thing."""
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(re.sub(r"Z$", "+00:00", value))
-    except ValueError as e:
+        when = datetime.fromisoformat(re.sub(r"Z$", "+00:00", value))
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (ValueError, OverflowError) as e:  # 2026-02-30; 0001-01-01T00:00+01:00
         raise ApiError(400, "invalid_datetime", f"{name}: {e}") from e
 
 
@@ -200,10 +216,10 @@ def requests(
     key: AdminKey,
     start: TimeQ = None,
     end: TimeQ = None,
-    model_version: Annotated[int | None, Query(ge=1)] = None,
+    model_version: Annotated[int | None, Query(ge=1, le=SQL_INT_MAX)] = None,
     label: Annotated[str | None, Query(min_length=1)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Annotated[int, Query(ge=0, le=SQL_INT_MAX)] = 0,
 ):
     """The request audit trail, newest first (admin keys only)."""
     since, until = _when(start, "start"), _when(end, "end")
@@ -211,6 +227,6 @@ def requests(
         rows, total = request.app.state.audit.query(
             since, until, model_version, label, limit, offset
         )
-    except Exception as e:
+    except SQLAlchemyError as e:  # the database, not the query, is the problem
         raise ApiError(503, "audit_unavailable", "the audit database is unreachable") from e
     return {"total": total, "limit": limit, "offset": offset, "requests": rows}
