@@ -209,6 +209,8 @@ def register(export: Path, home: Path, name: str) -> tuple[str, int]:
 
 def _env(home: Path | None = None, extra: dict | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # servers started by console scripts (mlflow runs `uvicorn`) find this environment's
+    env["PATH"] = str(Path(PYTHON).parent) + os.pathsep + env.get("PATH", "")
     if home is not None:
         uri = f"sqlite:///{home / 'mlflow.db'}"
         env.update(THYROID_CAD_HOME=str(home), MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri)
@@ -610,10 +612,11 @@ def _peak_rss_mb() -> float:
 
 
 def profile_summary(raw: Path, top: int = 18) -> dict:
-    """Share of busy samples per function, from `py-spy record --format raw` output.
+    """Share of busy samples per function, from collapsed stacks (py-spy's raw format,
+    as benchmarks/sampled_serve.py writes them).
 
     Inclusive: samples whose stack contains the function (once per stack); self: samples
-    where it is the innermost frame. Idle threads are not sampled by py-spy's default.
+    where it is the innermost frame. Waiting threads are not in the samples.
     """
     inclusive: dict[str, int] = {}
     own: dict[str, int] = {}
@@ -636,7 +639,38 @@ def profile_summary(raw: Path, top: int = 18) -> dict:
         best = sorted(d.items(), key=lambda kv: -kv[1])[:top]
         return [(k, round(100 * v / total, 1)) for k, v in best]
 
-    return {"samples": total, "inclusive_pct": share(inclusive), "self_pct": share(own)}
+    ours = {k: v for k, v in inclusive.items() if k.split(" (")[-1].rstrip(")") in PROFILED_FILES}
+    return {
+        "samples": total,
+        "inclusive_pct": share(inclusive),
+        "self_pct": share(own),
+        "service_inclusive_pct": share(ours),
+    }
+
+
+# Files whose functions the profile summary lists on their own (the request path).
+PROFILED_FILES = {
+    "app.py",
+    "v1.py",
+    "oip.py",
+    "inference.py",
+    "decoding.py",
+    "imaging.py",
+    "heatmaps.py",
+    "batching.py",
+    "audit.py",
+    "deps.py",
+    "keys.py",
+    "db.py",
+    "models.py",
+    "schemas.py",
+    "metrics.py",
+    "onnxruntime_inference_collection.py",
+    "formparsers.py",
+    "multipart.py",
+    "routing.py",
+    "responses.py",
+}
 
 
 # -- docs -----------------------------------------------------------------------------

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -208,21 +209,34 @@ def run_model(export: Path, args, work: Path, jpeg: bytes, log) -> dict:
 
 
 def _profile(servers, requests, args, work: Path, backbone: str) -> dict | None:
-    """py-spy samples of the service under /v1 (heatmap none and png) at concurrency 8."""
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    server = servers.get("service")
-    if server is None or not Path(pyspy).exists():
+    """Where the service's time goes under /v1 (heatmap none and png) at concurrency 8.
+
+    A separate instance of the service, run by sampled_serve.py (a stack sampler in the
+    process), with the same settings as the measured one; its numbers are not reported.
+    """
+    measured = servers.get("service")
+    if measured is None:
         return None
     out = {}
     for route in ("v1 none", "v1 png"):
-        raw = work / f"profile-{backbone}-{route.replace(' ', '-')}.txt"
-        cmd = [pyspy, "record", "--pid", str(server.proc.pid), "--duration", str(args.seconds)]
-        cmd += ["--rate", "200", "--format", "raw", "--output", str(raw), "--nonblocking"]
-        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        harness.measure_load(server, requests[route], 8, args.seconds, 16, args.max_seconds, 8)
-        if spy.wait(60) != 0 or not raw.is_file():
-            return None
-        out[route] = harness.profile_summary(raw)
+        stacks = work / f"profile-{backbone}-{route.replace(' ', '-')}.txt"
+        stacks.unlink(missing_ok=True)
+        port = harness.free_port()
+        script = str(Path(__file__).with_name("sampled_serve.py"))
+        cmd = [sys.executable, script, str(stacks), "--port", str(port)]
+        log = work / "logs" / "profiled.log"
+        server = harness.Server("profiled", cmd, measured.env, port, "/readyz", log)
+        server.headers = measured.headers
+        try:
+            server.start()
+            os.kill(server.proc.pid, signal.SIGUSR1)  # count from here, not the imports
+            harness.measure_load(server, requests[route], 8, args.seconds, 16, args.max_seconds, 8)
+        finally:
+            server.stop()
+        if not stacks.is_file() or not stacks.stat().st_size:
+            out[route] = {"error": f"no stacks written; see {log}"}
+            continue
+        out[route] = harness.profile_summary(stacks)
     return out
 
 
@@ -358,6 +372,16 @@ def markdown(result: dict, chart: str | None) -> str:
             lines.append(
                 f"| {t['variant']} | {t['what']} | {t['goal']} | {_fmt(t['value'], 2)} | {met} |"
             )
+        for route, prof in (model.get("profile") or {}).items():
+            if "error" in prof:
+                lines += ["", f"Profile, service `{route}`: {prof['error']}"]
+                continue
+            top = ", ".join(f"`{f}` {pct:.0f} %" for f, pct in prof["service_inclusive_pct"][:14])
+            lines += [
+                "",
+                f"Profile, service `{route}` at concurrency 8 ({prof['samples']} busy samples; "
+                f"share of samples inside each function): {top}.",
+            ]
         startup = ", ".join(f"{k} {v:.1f} s" for k, v in model["startup_s"].items())
         lines += ["", f"Time to ready: {startup}.", ""]
     return "\n".join(lines)
@@ -412,7 +436,7 @@ def main() -> None:
         "--routes", default=",".join(SERVICE_ROUTES), help="service routes, or 'none'"
     )
     parser.add_argument("--providers", default="CPUExecutionProvider", help="onnxruntime, in order")
-    parser.add_argument("--profile", action="store_true", help="py-spy the service at c=8")
+    parser.add_argument("--profile", action="store_true", help="profile the service at c=8")
     parser.add_argument(
         "--export",
         type=Path,
