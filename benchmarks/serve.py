@@ -69,30 +69,25 @@ def _payloads(work: Path, size: int, jpeg: bytes) -> tuple[dict, Path]:
     (d / "frame.jpg").write_bytes(jpeg)
     file = {"field": "file", "filename": "frame.jpg", "content_type": "image/jpeg"}
 
-    def v2(datatype: str, shape: list[int], blob: bytes, name: str) -> Path:
+    def v2(datatype: str, shape: list[int], blob: bytes, name: str) -> harness.Request:
+        """An OIP request with the binary tensor extension, as Triton's clients send it."""
         spec = {"name": "image", "datatype": datatype, "shape": shape}
         header = json.dumps({"inputs": [{**spec, "parameters": {"binary_data_size": len(blob)}}]})
         (d / name).write_bytes(header.encode() + blob)
-        return d / name
-
-    def v2_headers(path: Path) -> dict:
-        n = len(path.read_bytes()) - len(blob_of[path.name])
-        return {
-            "Inference-Header-Content-Length": str(n),
+        headers = {
+            "Inference-Header-Content-Length": str(len(header.encode())),
             "Content-Type": "application/octet-stream",
         }
+        return harness.Request("/v2/models/{name}/infer", d / name, headers)
 
-    blob_of = {"v2-uint8.bin": frame.tobytes(), "v2-bytes.bin": struct.pack("<I", len(jpeg)) + jpeg}
-    uint8 = v2("UINT8", [1, size, size, 3], blob_of["v2-uint8.bin"], "v2-uint8.bin")
-    encoded = v2("BYTES", [1], blob_of["v2-bytes.bin"], "v2-bytes.bin")
     (d / "mlflow.json").write_text(json.dumps({"inputs": {"image": frame[None].tolist()}}))
     R = harness.Request
     requests = {
         "v1 none": R("/v1/predict?heatmap=none", d / "frame.jpg", multipart=file),
         "v1 png": R("/v1/predict?heatmap=png", d / "frame.jpg", multipart=file),
         "v1 overlay": R("/v1/predict?heatmap=overlay", d / "frame.jpg", multipart=file),
-        "v2 uint8": R("/v2/models/{name}/infer", uint8, v2_headers(uint8)),
-        "v2 bytes": R("/v2/models/{name}/infer", encoded, v2_headers(encoded)),
+        "v2 uint8": v2("UINT8", [1, size, size, 3], frame.tobytes(), "v2-uint8.bin"),
+        "v2 bytes": v2("BYTES", [1], struct.pack("<I", len(jpeg)) + jpeg, "v2-bytes.bin"),
         "mlflow": R("/invocations", d / "mlflow.json", {"Content-Type": "application/json"}),
         "flask": R("/predict", d / "frame.jpg", multipart=file),
     }
@@ -146,7 +141,7 @@ def run_model(export: Path, args, work: Path, jpeg: bytes, log) -> dict:
                     export / "model.onnx",
                     batch,
                     args.seconds,
-                    args.min_requests,
+                    max(3, args.min_requests // batch),  # images, not calls, as for servers
                     providers=args.providers,
                     frame=frame,
                 )
@@ -347,6 +342,12 @@ def markdown(result: dict, chart: str | None) -> str:
         "Raw data: `docs/benchmarks-serve.json`.",
         "",
     ]
+    for run in result.get("runs", [])[1:] if len(result.get("runs", [])) > 1 else []:
+        lines[0] += (
+            f" {', '.join(run['models'])}: its own run, started {run['started'][11:16]} UTC, "
+            f"{run['config']['repeats']} repeats, variants {run['config']['variant'] or 'none'}, "
+            f"load average {run['load_average_at_start']}."
+        )
     if chart:
         lines += [f"![serving benchmark]({chart})", ""]
     for model in result["models"].values():
@@ -449,7 +450,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / ".thyroid-cad" / "bench")
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON, chart, md")
     parser.add_argument("--doc", type=Path, default=None, help="markdown file to update")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="measure nothing: merge these result files (one model each) and write the "
+        "table, chart and doc section from them",
+    )
     args = parser.parse_args()
+    if args.render:
+        return render(args.render, args.out or ROOT / "docs", args.doc)
     given = set(sys.argv)
     if args.quick:
         args.backbones, args.size, args.repeats = "tiny", 64, 1
@@ -513,14 +525,30 @@ def main() -> None:
         result["duration_s"] = time.perf_counter() - t0
         # written after every model, so a run cut short still leaves what it measured
         (out / "benchmarks-serve.json").write_text(json.dumps(result, indent=1))
+    report(result, out, args.doc)
+
+
+def report(result: dict, out: Path, doc: Path | None) -> None:
     chart(result, out / "benchmarks-serve.png")
     text = markdown(result, "benchmarks-serve.png")
     (out / "benchmarks-serve.md").write_text(text)
-    if args.doc:
-        harness.write_section(
-            args.doc, "Serving: this service against raw onnxruntime and peers", text
-        )
+    if doc:
+        harness.write_section(doc, "Serving: this service against raw onnxruntime and peers", text)
     print(text)
+
+
+def render(files: list[Path], out: Path, doc: Path | None) -> None:
+    """One report from several runs (e.g. one per backbone), each model keeping its run."""
+    runs = [json.loads(f.read_text()) for f in files]
+    merged = {**runs[0], "models": {}, "runs": []}
+    for run in runs:
+        merged["runs"].append({k: run.get(k) for k in ("started", "duration_s", "config")})
+        merged["runs"][-1]["load_average_at_start"] = run["machine"]["load_average_at_start"]
+        merged["runs"][-1]["models"] = list(run["models"])
+        merged["models"].update(run["models"])
+    merged["duration_s"] = sum(r.get("duration_s") or 0 for r in runs)
+    (out / "benchmarks-serve.json").write_text(json.dumps(merged, indent=1))
+    report(merged, out, doc)
 
 
 if __name__ == "__main__":

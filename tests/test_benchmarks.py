@@ -45,7 +45,7 @@ def test_serve_quick_measures_every_route_and_writes_table_chart_and_json(tiny_e
     out = tmp_path / "out"
     args = [sys.executable, str(BENCH / "serve.py"), "--quick", "--export", str(tiny_export)]
     args += ["--work", str(tmp_path / "work"), "--out", str(out)]
-    args += ["--concurrency", "1,2", "--raw-batches", "1,2", "--seconds", "0.5"]
+    args += ["--concurrency", "1,2", "--raw-batches", "1,2", "--seconds", "0.5", "--profile"]
     _run(args, tmp_path)
 
     result = json.loads((out / "benchmarks-serve.json").read_text())
@@ -68,6 +68,9 @@ def test_serve_quick_measures_every_route_and_writes_table_chart_and_json(tiny_e
     assert any(w.startswith("throughput v1 none") for w in whats)
     assert any(w.startswith("p50 overhead v1 none") for w in whats)
     assert all(t["value"] is not None for t in model["targets"])
+    for route in ("v1 none", "v1 png"):  # the sampled instance of the service
+        profile = model["profile"][route]
+        assert profile["samples"] > 0 and profile["service_inclusive_pct"], route
     assert (out / "benchmarks-serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "benchmarks-serve.md").read_text()
     assert "| system | route | conc. | images/s |" in text and "| service | v2 bytes | 2 |" in text
