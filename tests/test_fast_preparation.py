@@ -7,6 +7,8 @@ frames: these tests compare against scipy's binary_opening and Pillow's decoder.
 """
 
 import io
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,21 +19,9 @@ from service import decoding
 from service.errors import ApiError
 from thyroid_cad import imaging
 
-
-def _reference_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
-    """content_box as first written: float mean, scipy opening, label."""
-    h, w = rgb.shape[:2]
-    mask = ndimage.binary_opening(rgb.mean(axis=2) > 12, structure=np.ones((7, 7)))
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return 0, 0, h, w
-    biggest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-    rows = np.flatnonzero((labels == biggest).any(axis=1))
-    cols = np.flatnonzero((labels == biggest).any(axis=0))
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    if (bottom - top) * (right - left) < 0.1 * h * w:
-        return 0, 0, h, w
-    return int(top), int(left), int(bottom), int(right)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+# content_box as first written (float mean, scipy opening), kept as prepare.py's baseline
+from prepare import old_content_box as _reference_box  # noqa: E402
 
 
 @pytest.mark.parametrize("size", [3, 5, 7, 9])
