@@ -9,7 +9,7 @@ ratio is meaningful even on a noisy machine; absolute numbers are not.
     .venv/bin/python benchmarks/input_pipeline.py [--data DIR] [--size 224] [--epochs 3]
 
 DIR must be ROOT/<class>/* (default: ../shared/data/thyroid-seed/train, else a
-phantom made on the spot). Writes docs/benchmarks.md (the input-pipeline section).
+phantom made on the spot). Writes its section of docs/benchmarks.md, keeping the others.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "thyroid-seed" / "train"
@@ -125,11 +128,7 @@ def main() -> None:
             f"| {ours_med / seed_med:.2f} |",
         ]
     )
-    text = f"""# Benchmarks
-
-## Training input pipeline
-
-Written by `benchmarks/input_pipeline.py` (run it again to refresh). Both pipelines
+    text = f"""Written by `benchmarks/input_pipeline.py` (run it again to refresh). Both pipelines
 ran in one process on the same {n_images} images ({source}), at {args.size}x{args.size},
 batch {args.batch}, {args.epochs} timed epochs each, with comparable augmentation
 (flips, small rotations, zooms and shifts). Machine: {platform.machine()},
@@ -147,7 +146,7 @@ rates: ImageDataGenerator {", ".join(f"{r:.0f}" for r in seed)}; ours
 {", ".join(f"{r:.0f}" for r in ours)}.
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    harness.write_section(args.out, "Training input pipeline", text)
     print(text)
 
 
