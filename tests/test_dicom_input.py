@@ -220,3 +220,22 @@ def test_dicom_sr_needs_a_dicom_that_it_can_reference(api):
 def test_unknown_format_is_a_422(api):
     r = _post(api, factory.png(factory.image()), "?format=hl7v2", name="x.png")
     assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request")
+
+
+def test_structured_answers_keep_patient_data_out_of_the_audit_and_logs(api, served_module, caplog):
+    caplog.set_level("DEBUG")
+    data = factory.to_bytes(factory.ultrasound(factory.image()))
+    answers = [
+        _post(api, data, "?format=dicom-sr"),
+        _post(api, data, "?format=fhir"),
+        _post(api, data, "?format=dicom-sr&frame=7"),  # an error after the header was read
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 400]
+    assert b"Quintessa" in answers[0].content  # the SR carries the patient, as it must
+    db = served_module.db_path
+    files = [*db.parent.glob(db.name + "*"), *served_module.spool.rglob("*")]
+    stored = b"".join(p.read_bytes() for p in files if p.is_file())
+    assert answers[0].headers["x-request-id"].encode() in stored
+    for secret in factory.SECRETS:
+        assert secret.encode() not in stored, secret
+        assert secret not in caplog.text, secret

@@ -412,3 +412,34 @@ def test_ledger_rows_are_per_model_version():
     ledger.set_cursor("c", "7")
     assert ledger.cursor("c") == "7" and ledger.cursor("other") is None
     assert ledger.counts() == {"scored": 1} and ledger.counts("m", 2) == {}
+
+
+def test_the_cli_runs_one_pass_and_says_when_the_pacs_is_down(
+    world, orthanc, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from service.config import get_settings
+
+    orthanc.upload(factory.ultrasound(factory.image("malignant", 41)), factory.ct())
+    for key, value in {
+        "THYROID_CAD_MODEL": world.settings.model,
+        "THYROID_CAD_PROVIDERS": '["CPUExecutionProvider"]',
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+        "THYROID_CAD_PACS_DICOMWEB_URL": orthanc.dicomweb,
+        "THYROID_CAD_PACS_ORTHANC_URL": orthanc.url,
+    }.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    try:
+        done = CliRunner().invoke(app, ["pacs", "--once"])
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {"scored": 1, "skipped": 1}
+        down = CliRunner().invoke(
+            app, ["pacs", "--once", "--orthanc-url", f"http://127.0.0.1:{_free_port()}"]
+        )
+    finally:
+        get_settings.cache_clear()
+    assert down.exit_code == 1, down.output
+    assert "PACS unavailable" in down.stderr and down.exception.__class__ is SystemExit
