@@ -139,7 +139,7 @@ def _observations(found: Finding, common: dict, source: Dataset | None) -> list[
         {
             "code": _concept(fx.MOST_PROBABLE),
             "valueCodeableConcept": _concept(fx.class_concept(p.label)),
-        },  # fmt: skip
+        },
     ]
     if found.roi is not None:
         components.append({"code": _concept(fx.ROI), "valueString": _roi_text(found, source)})

@@ -153,17 +153,13 @@ class Pacs:
             found = self.client.search_for_instances(search_filters=filters)
         except requests.RequestException as e:
             _raise_for(e, "QIDO-RS search")
-        return [
-            InstanceRef(
-                _value(i, _STUDY),
-                _value(i, _SERIES),
-                _value(i, _SOP),
-                _value(i, _MODALITY) or modality or None,
-                _value(i, _CLASS),
-            )  # fmt: skip
-            for i in found
-            if _value(i, _STUDY) and _value(i, _SERIES) and _value(i, _SOP)
-        ]
+        refs = []
+        for item in found:
+            study, series, sop = (_value(item, tag) for tag in (_STUDY, _SERIES, _SOP))
+            if study and series and sop:
+                modality_found = _value(item, _MODALITY) or modality or None
+                refs.append(InstanceRef(study, series, sop, modality_found, _value(item, _CLASS)))
+        return refs
 
     # -- retrieving and storing -----------------------------------------------------
     def retrieve(self, ref: InstanceRef) -> Dataset:

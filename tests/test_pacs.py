@@ -135,11 +135,8 @@ def orthanc(tmp_path_factory):
     binary = shutil.which("Orthanc")
     if binary is None:
         pytest.skip("the Orthanc binary is absent (apt-get install orthanc orthanc-dicomweb)")
-    plugin = next(
-        (Path(d) / "libOrthancDicomWeb.so" for d in PLUGIN_DIRS
-         if (Path(d) / "libOrthancDicomWeb.so").exists()),
-        None,
-    )  # fmt: skip
+    found = [Path(d) / "libOrthancDicomWeb.so" for d in PLUGIN_DIRS]
+    plugin = next((path for path in found if path.exists()), None)
     if plugin is None:
         pytest.skip("Orthanc's DICOMweb plugin is absent (apt-get install orthanc-dicomweb)")
     server = Orthanc(binary, plugin, tmp_path_factory.mktemp("orthanc"))
@@ -239,8 +236,8 @@ def _by_source(reports) -> dict[str, list]:
 def _probabilities(sr) -> dict:
     (group,) = sr.content.get_image_measurement_groups()
     names = {"Probability of cancer": "malignant", "Probability of benign": "benign"}
-    return {names[m.name.meaning]: m.value for m in group.get_measurements() if m.name.meaning
-            in names}  # fmt: skip
+    measured = {m.name.meaning: m.value for m in group.get_measurements()}
+    return {names[k]: v for k, v in measured.items() if k in names}
 
 
 def test_the_full_loop_scores_ultrasound_and_stores_srs(world, orthanc, api, served_module):

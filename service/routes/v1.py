@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from service import heatmaps, inference
 from service.config import Settings
@@ -82,7 +82,7 @@ def predict_upload(
     version: int | None = None,
     name: str | None = None,
     options: formats.Options = formats.JSON,
-):
+) -> Response:
     with Audited(request, route, key) as audited:
         settings: Settings = request.app.state.settings
         model, via = request.app.state.models.get(alias=alias, version=version, name=name)
@@ -106,8 +106,9 @@ def predict_upload(
         scored = inference.score(model, prepared)
         prediction = scored.prediction
         index = names.index(class_name or prediction.label)
+        mode = heatmap if options.format == "json" else "none"  # SR and FHIR carry none
         rendered = heatmaps.render_heatmap(
-            model, scored.heatmap, index, heatmap, prepared.rgb, prepared.geometry
+            model, scored.heatmap, index, mode, prepared.rgb, prepared.geometry
         )
         timings = TimingsOut(
             decode_ms=(read_s + prepared.decode_s) * 1e3,
