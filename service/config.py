@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import onnxruntime as ort
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.models import GRAPH_OPTIMIZATION, GraphOptimization, IoBinding, Runtime
@@ -71,6 +72,33 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown onnxruntime provider(s) {unknown}; known: {known}")
         return providers
+
+    # The PACS gateway, `thyroid-cad pacs` (docs/integration.md).
+    pacs_dicomweb_url: str = Field(
+        "", description="DICOMweb root of the PACS, e.g. http://orthanc:8042/dicom-web."
+    )
+    pacs_orthanc_url: str = Field(
+        "", description="Orthanc REST root: watch its change feed; empty: poll QIDO-RS."
+    )
+    pacs_username: str = Field("", description="HTTP basic auth user for the PACS (optional).")
+    pacs_password: SecretStr = Field(SecretStr(""), description="Its password.")
+    pacs_poll_interval_s: float = Field(5.0, gt=0, description="Pause between polls when idle.")
+    pacs_backoff_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between retries while the PACS is down."
+    )
+    pacs_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout of one PACS request.")
+    pacs_start: Literal["first", "latest"] = Field(
+        "first",
+        description="Where a new model version starts reading the change feed: first "
+        "(every instance is scored again) or latest (new instances only).",
+    )
+    pacs_modality: str = Field("US", description="QIDO-RS: the modality searched for.")
+    pacs_lookback_days: int = Field(
+        7, ge=0, description="QIDO-RS: studies of the last N days (0: all)."
+    )
+    pacs_frame: int | None = Field(
+        None, ge=1, description="Multi-frame instances: the frame scored (default the first)."
+    )
 
     def audit_url(self) -> str:
         if self.database_url:

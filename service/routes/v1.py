@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from service import heatmaps, inference
@@ -17,6 +17,7 @@ from service.config import Settings
 from service.deps import AdminKey, Audited, PredictKey, auth_first
 from service.errors import ApiError
 from service.models import ModelManager
+from service.routes import formats
 from service.schemas import DISCLAIMER, SQL_INT_MAX, ErrorOut, PredictResponse, TimingsOut
 
 
@@ -67,7 +68,11 @@ TimeQ = Annotated[
 ]
 
 # Predict routes check the key before the upload is parsed (see deps.auth_first).
-predict = APIRouter(tags=["v1"], route_class=auth_first("predict"), responses=PREDICT_ERRORS)
+predict = APIRouter(
+    tags=["v1"],
+    route_class=auth_first("predict"),
+    responses={**PREDICT_ERRORS, **formats.RESPONSES},
+)
 router = APIRouter(tags=["v1"])
 
 
@@ -88,7 +93,8 @@ def predict_upload(
     alias: str | None = None,
     version: int | None = None,
     name: str | None = None,
-) -> JSONResponse:
+    options: formats.Options = formats.JSON,
+) -> Response:
     with Audited(request, route, key) as audited:
         settings: Settings = request.app.state.settings
         model, via = request.app.state.models.get(alias=alias, version=version, name=name)
@@ -100,17 +106,21 @@ def predict_upload(
         if class_name is not None and class_name not in names:  # before any decoding work
             raise ApiError(400, "unknown_class", f"class must be one of {names}")
         read_s = time.perf_counter() - t0
-        prepared = inference.prepare(data, model.input_size, settings.max_image_pixels)
+        prepared = inference.prepare(
+            data, model.input_size, settings.max_image_pixels, options.frame
+        )
         audited.record.update(
             content_type=prepared.content_type,
             image_height=prepared.rgb.shape[0],
             image_width=prepared.rgb.shape[1],
         )
+        source = formats.source_header(options.format, data, prepared)
         scored = inference.score(model, prepared)
         prediction = scored.prediction
         index = names.index(class_name or prediction.label)
+        mode = heatmap if options.format == "json" else "none"  # SR and FHIR carry none
         rendered = heatmaps.render_heatmap(
-            model, scored.heatmap, index, heatmap, prepared.rgb, prepared.geometry
+            model, scored.heatmap, index, mode, prepared.rgb, prepared.geometry
         )
         timings = TimingsOut(
             decode_ms=(read_s + prepared.decode_s) * 1e3,
@@ -133,10 +143,17 @@ def predict_upload(
             probabilities=prediction.probabilities,
             timings={k: round(v, 3) for k, v in timings.model_dump().items()},
         )
+        if options.format != "json":
+            answer = formats.render(
+                options.format, source, scored, body.model, audited.record["request_id"]
+            )
+        else:
+            answer = JSONResponse(
+                body.model_dump(by_alias=True),
+                headers={"X-Request-ID": audited.record["request_id"]},
+            )
         audited.finish(200)
-        return JSONResponse(
-            body.model_dump(by_alias=True), headers={"X-Request-ID": audited.record["request_id"]}
-        )
+        return answer
 
 
 @predict.post("/v1/predict", response_model=PredictResponse)
@@ -144,12 +161,15 @@ def predict_default(
     request: Request,
     key: PredictKey,
     file: Upload,
+    options: formats.OptionsDep,
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
     alias: Annotated[str | None, Query(min_length=1, description="e.g. challenger")] = None,
 ):
     """Classify one ultrasound image with the champion (or ?alias=) model."""
-    return predict_upload(request, file, key, "/v1/predict", heatmap, class_name, alias=alias)
+    return predict_upload(
+        request, file, key, "/v1/predict", heatmap, class_name, alias=alias, options=options
+    )
 
 
 @predict.post("/v1/models/{name}/predict", response_model=PredictResponse)
@@ -158,13 +178,16 @@ def predict_alias(
     name: str,
     key: PredictKey,
     file: Upload,
+    options: formats.OptionsDep,
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
     alias: Annotated[str, Query(min_length=1, description="Registry alias.")] = "champion",
 ):
     """Classify with the version an alias of this model points at."""
     route = "/v1/models/{name}/predict"
-    return predict_upload(request, file, key, route, heatmap, class_name, alias=alias, name=name)
+    return predict_upload(
+        request, file, key, route, heatmap, class_name, alias=alias, name=name, options=options
+    )
 
 
 @predict.post("/v1/models/{name}/versions/{version}/predict", response_model=PredictResponse)
@@ -176,13 +199,14 @@ def predict_version(
     ],
     key: PredictKey,
     file: Upload,
+    options: formats.OptionsDep,
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
 ):
     """Classify with one pinned model version."""
     route = "/v1/models/{name}/versions/{version}/predict"
     return predict_upload(
-        request, file, key, route, heatmap, class_name, version=version, name=name
+        request, file, key, route, heatmap, class_name, version=version, name=name, options=options
     )
 
 
