@@ -477,5 +477,6 @@ def train_progressive(
         stage2_id = train(stage2, parent_run_id=parent.info.run_id)
         mlflow.set_tags({"radiograph_run": stage1_id, "thyroid_run": stage2_id})
         final = mlflow.get_run(stage2_id).data.metrics
-        mlflow.log_metrics({m: v for m, v in final.items() if m.startswith(("val_", "test_"))})
+        summary = ("val_", "test_", "loso_", "robust_score")
+        mlflow.log_metrics({m: v for m, v in final.items() if m.startswith(summary)})
         return parent.info.run_id
