@@ -38,7 +38,7 @@ def registry_list(
     name: ModelName = "thyroid-nodule-classifier",
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ):
-    """Versions with their aliases, validation AUC, parity result and source run."""
+    """Versions with their aliases, validation AUC, source-robust score, parity, source run."""
     from registry import store
 
     with user_errors():
@@ -48,8 +48,10 @@ def registry_list(
         return
     for v in versions:
         auc = f"{v['val_auc']:.3f}" if v["val_auc"] is not None else "-"
+        robust = f"{v['robust_score']:.3f}" if v["robust_score"] is not None else "-"
         typer.echo(
             f"v{v['version']:<4} {','.join(v['aliases']) or '-':<20} val_auc {auc}  "
+            f"robust {robust}  "
             f"parity {'ok' if v['parity_passed'] else 'FAILED'}  run {v['source_run_id']}"
         )
 
@@ -82,7 +84,8 @@ def registry_promote(
     reason: Annotated[str | None, typer.Option(help="Why; recorded in the registry.")] = None,
     name: ModelName = "thyroid-nodule-classifier",
 ):
-    """Point an alias at a version; refused if parity failed or validation AUC is lower."""
+    """Point an alias at a version; refused if parity failed, validation AUC is lower, or the
+    card shows a shortcut (not above the source/size floor, or at chance within a source)."""
     from registry import store
 
     with user_errors():
