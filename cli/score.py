@@ -116,6 +116,10 @@ def score(
     from scoring import archive, inputs
     from service.config import get_settings
 
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as e:
+        raise fail("thyroid-cad score writes Parquet: pip install 'thyroid-cad[score]'") from e
     if engine not in ENGINES:
         raise fail(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "spark":
