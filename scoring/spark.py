@@ -102,9 +102,11 @@ def _ship(sc, files: archive.ModelFiles) -> tuple[str, str]:
             else:
                 shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
-    # The same path again is a no-op for Spark; the name differs per model file.
-    sc.addFile(str(onnx))
-    sc.addFile(str(card))
+    # Once per SparkContext (Spark refuses to re-add a name); the name differs per file.
+    added = {Path(f).name for f in sc.listFiles}
+    for path in (onnx, card):
+        if path.name not in added:
+            sc.addFile(str(path))
     return onnx.name, card.name
 
 
