@@ -145,6 +145,24 @@ def _check_rows(rows: dict[str, dict], paths: list[str], engine: str) -> None:
     assert len(right) > 0.7 * (len(scored) - 2)
 
 
+def _job(served, paths: list[str], out: Path) -> archive.Job:
+    files = archive.ModelFiles.resolve(f"{served.name}@champion")
+    settings = served.settings
+    return archive.Job(files, paths, out, settings.runtime(), settings.max_image_pixels)
+
+
+def _interrupt_after(images: int):
+    """A progress callback that presses Ctrl-C once `images` are reported done."""
+    seen = []
+
+    def progress(n: int) -> None:
+        seen.append(n)
+        if sum(seen) >= images:
+            raise KeyboardInterrupt
+
+    return progress
+
+
 def _score(*args: str) -> dict:
     result = CliRunner().invoke(app, ["score", *args])
     assert result.exit_code == 0, result.output
@@ -203,20 +221,10 @@ def test_local_engine_matches_v1_and_resumes_after_an_interruption(
     served_module, archive_root, all_paths, v1_answers, tmp_path
 ):
     out = tmp_path / "scores"
-    files = archive.ModelFiles.resolve(f"{served_module.name}@champion")
-    settings = served_module.settings
-    job = archive.Job(files, all_paths, out, settings.runtime(), settings.max_image_pixels)
-
+    job = _job(served_module, all_paths, out)
     # Interrupted after ~100 images: what was scored is on disk, as whole files.
-    seen = []
-
-    def interrupt(n: int) -> None:
-        seen.append(n)
-        if sum(seen) >= 100:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        local.run(job, job.todo(), workers=2, progress=interrupt, chunk_size=16, flush_rows=48)
+        local.run(job, job.todo(), 2, _interrupt_after(100), chunk_size=16, flush_rows=48)
     first = _rows(out)
     assert 48 <= len(first) < len(all_paths)
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a half-written file"
@@ -341,20 +349,11 @@ def test_spark_engine_matches_v1_and_local_and_resumes(
 
     out = tmp_path / "spark-scores"
     ref = f"{served_module.name}@champion"
-    files = archive.ModelFiles.resolve(ref)
-    settings = served_module.settings
-    job = archive.Job(files, all_paths, out, settings.runtime(), settings.max_image_pixels)
-
+    job = _job(served_module, all_paths, out)
+    files = job.files
     # Three chunks of 110 images (three write jobs); interrupted after the first.
-    done = []
-
-    def interrupt(n: int) -> None:
-        done.append(n)
-        if sum(done) >= 110:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        engine.run(job, job.todo(), "local[2]", interrupt, read="binaryfile", chunk_size=110)
+        engine.run(job, job.todo(), "local[2]", _interrupt_after(110), chunk_size=110)
     assert len(_rows(out)) == 110
     shipped = {Path(f).name for f in spark.sparkContext.listFiles}
     assert {
