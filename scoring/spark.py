@@ -58,8 +58,22 @@ def row_ddl() -> str:
     return ", ".join(f"{name} {SPARK_TYPES[kind]}" for name, kind in archive.FIELDS)
 
 
+@contextlib.contextmanager
+def _pandas_3_accepted():
+    """pyspark 4.3 warns that pandas 3 is not fully supported; its Arrow UDFs, which are
+    all this module uses, work with it (tests/test_score.py)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pandas >= 3", category=FutureWarning)
+        yield
+
+
 def session(master: str, conf: dict[str, str] | None = None):
     """The active SparkSession (spark-submit, a notebook, tests), else a new one on master."""
+    with _pandas_3_accepted():
+        return _session(master, conf)
+
+
+def _session(master: str, conf: dict[str, str] | None):
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -215,11 +229,8 @@ def run(
     if read not in READS:
         raise ValueError(f"--spark-read must be one of {READS}, got {read!r}")
     progress = progress or (lambda n: None)
-    with warnings.catch_warnings():
-        # pyspark 4.3 warns that pandas 3 is not fully supported; its Arrow UDFs work here.
-        warnings.filterwarnings("ignore", message=".*pandas >= 3", category=FutureWarning)
-        spark = session(master, conf)
-        return _run(spark, job, todo, progress, read, chunk_size)
+    with _pandas_3_accepted():
+        return _run(_session(master, conf), job, todo, progress, read, chunk_size)
 
 
 def _run(spark, job, todo, progress, read, chunk_size) -> int:
