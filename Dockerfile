@@ -44,6 +44,7 @@ COPY thyroid_cad/ /app/thyroid_cad/
 COPY training/ /app/training/
 COPY registry/ /app/registry/
 COPY service/ /app/service/
+COPY scoring/ /app/scoring/
 
 # ---- serve: dependencies, then code -----------------------------------------------------
 FROM builder AS serve-build

@@ -9,7 +9,7 @@ install: $(BIN)/thyroid-cad
 $(BIN)/thyroid-cad: pyproject.toml
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check uv
 	$(PYTHON) -m uv venv --quiet --allow-existing --python 3.11 $(VENV)
-	$(PYTHON) -m uv pip install --quiet --python $(VENV)/bin/python -e '.[train,serve,dev]'
+	$(PYTHON) -m uv pip install --quiet --python $(VENV)/bin/python -e '.[train,serve,score,spark,dev]'
 	touch $@
 
 # Phantom data -> train -> MLflow -> ONNX -> registry -> champion -> service (foreground).

@@ -80,7 +80,8 @@ def keys_list():
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id (from keys list).")]):
-    """Revoke a key (a running service may trust a key it verified for up to 5 minutes)."""
+    """Revoke a key (each running replica may trust a key it verified for up to
+    THYROID_CAD_KEY_CACHE_S seconds, 300 by default)."""
     with user_errors():
         with _key_store() as store:
             found = store.revoke_key(key_id)

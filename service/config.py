@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         None, description="Audit records wait here while the DB is down."
     )
     require_api_key: bool = Field(True, description="Predict and admin routes need a key.")
+    key_cache_s: float = Field(
+        300.0,
+        ge=0,
+        description="How long a verified API key is trusted without asking the database: "
+        "a revoked key keeps working on a replica for at most this long (0: ask every time).",
+    )
     public_health: bool = Field(True, description="Health and readiness routes need no key.")
     public_metrics: bool = Field(True, description="/metrics needs no key.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted upload.")

@@ -16,7 +16,6 @@ from starlette.concurrency import run_in_threadpool
 from service.config import Settings
 from service.errors import ApiError
 
-KEY_CACHE_S = 300.0
 # Declares the scheme in the OpenAPI document; authorize() does the checking itself so
 # that every failure is the service's own JSON error.
 bearer = HTTPBearer(auto_error=False, description="An API key: `thyroid-cad keys create`.")
@@ -25,8 +24,10 @@ bearer = HTTPBearer(auto_error=False, description="An API key: `thyroid-cad keys
 def authorize(request: Request, scope: str):
     """The caller's API key if it grants `scope` ('predict' or 'admin'), else 401/403.
 
-    Verified keys are remembered for a few minutes so a database outage does not lock
-    out clients that were already talking to the service. Checked once per request.
+    Verified keys are remembered for `settings.key_cache_s` (5 minutes by default) so a
+    database outage does not lock out clients that were already talking to the service;
+    that is also how long a revoked key may keep working on each replica. Checked once
+    per request.
     """
     settings: Settings = request.app.state.settings
     if not settings.require_api_key:
@@ -41,7 +42,7 @@ def authorize(request: Request, scope: str):
     digest = hashlib.sha256(token.encode()).hexdigest()
     cache = request.app.state.key_cache
     hit = cache.get(digest)
-    if hit and time.monotonic() - hit[1] < KEY_CACHE_S:
+    if hit and time.monotonic() - hit[1] < settings.key_cache_s:
         key = hit[0]
     else:
         try:

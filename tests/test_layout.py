@@ -1,4 +1,4 @@
-"""Import arrows point one way: cli -> service / registry / training -> thyroid_cad.
+"""Import arrows point one way: cli -> scoring -> service / registry / training -> thyroid_cad.
 
 Checked on the source (every import statement, at any depth), so a lazy import inside
 a function counts too.
@@ -13,10 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # package -> top-level names it must never import
 FORBIDDEN = {
-    "thyroid_cad": {"cli", "training", "registry", "service", "tensorflow", "keras"},
-    "registry": {"cli", "training", "service", "tensorflow", "keras"},
-    "service": {"cli", "training", "tensorflow", "keras", "tf2onnx"},
-    "training": {"cli", "service"},
+    "thyroid_cad": {"cli", "training", "registry", "service", "scoring", "tensorflow", "keras"},
+    "registry": {"cli", "training", "service", "scoring", "tensorflow", "keras"},
+    "service": {"cli", "training", "scoring", "tensorflow", "keras", "tf2onnx"},
+    # Archive scoring runs the service's scoring core (onnxruntime), never training code.
+    "scoring": {"cli", "training", "tensorflow", "keras", "tf2onnx"},
+    "training": {"cli", "service", "scoring"},
 }
 
 
