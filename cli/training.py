@@ -35,6 +35,12 @@ class Classifier(StrEnum):
     rf = "rf"
 
 
+class Roi(StrEnum):
+    off = "off"
+    annotations = "annotations"
+    localiser = "localiser"
+
+
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help="Dataset root.")],
@@ -78,6 +84,29 @@ def train(
     via_max_images: Annotated[
         int | None, typer.Option(help="Subsample of the intermediate dataset.")
     ] = None,
+    roi: Annotated[
+        Roi,
+        typer.Option(
+            help="Nodule-centred input: off (whole frame), annotations (annotated box, the "
+            "localiser's for the rest) or localiser (its box everywhere)."
+        ),
+    ] = Roi.off,
+    roi_margin: Annotated[
+        float, typer.Option(help="Context around the ROI per side, fraction of its longer side.")
+    ] = 0.3,
+    roi_jitter: Annotated[
+        float, typer.Option(help="Random shift/scale of training boxes, fraction of their side.")
+    ] = 0.0,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(
+            help="Annotation CSV (default: annotations.csv / ddti-annotations.csv in ROOT)."
+        ),
+    ] = None,
+    localiser: Annotated[
+        str | None,
+        typer.Option(help="Localiser: its MLflow run id, export folder or localiser.onnx."),
+    ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
 ):
     """Train one model and log it to MLflow; prints the run id last."""
@@ -100,6 +129,11 @@ def train(
         seed=seed,
         max_images=max_images,
         target_sensitivity=target_sensitivity,
+        roi=roi.value,
+        roi_margin=roi_margin,
+        roi_jitter=roi_jitter,
+        annotations=str(annotations) if annotations else None,
+        localiser=localiser,
         experiment=experiment,
     )
     with user_errors(), contextlib.redirect_stdout(sys.stderr):

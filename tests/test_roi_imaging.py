@@ -171,6 +171,9 @@ def test_proposal_is_the_largest_component_on_the_frame():
     assert w == pytest.approx(14 * scale, abs=2 * scale)
     assert proposal.mask.shape == (360, 560) and proposal.score == pytest.approx(0.9, abs=0.01)
     assert nodule.propose(np.zeros((64, 64), np.float32), geometry).box is None
+    # within a box drawn around the speck, the speck is the nodule
+    speck = nodule.propose(prob, geometry, within=(130 + 10, 80 + 150, 40, 40)).box
+    assert speck is not None and speck[2] < 20 and speck[1] >= 80 + 150
 
 
 def test_shape_taller_than_wide_area_and_mm():

@@ -51,11 +51,24 @@ class Proposal:
 
 
 def propose(
-    probability: np.ndarray, geometry: Geometry, threshold: float = MASK_THRESHOLD
+    probability: np.ndarray,
+    geometry: Geometry,
+    threshold: float = MASK_THRESHOLD,
+    within: Box | None = None,
 ) -> Proposal:
-    """Localiser output over its square input -> the nodule's box and mask on the frame."""
+    """Localiser output over its square input -> the nodule's box and mask on the frame.
+
+    With `within` (a box the user drew), only the part of the map inside it counts: the
+    outline of the nodule the user marked, for its shape.
+    """
     full = to_original(np.asarray(probability, dtype=np.float32), geometry)
-    mask = largest_component(full > threshold)
+    above = full > threshold
+    if within is not None:
+        x, y, w, h = within
+        inside = np.zeros_like(above)
+        inside[y : y + h, x : x + w] = True
+        above &= inside
+    mask = largest_component(above)
     score = float(full[mask].max()) if mask.any() else 0.0
     return Proposal(box_of(mask), mask, score)
 

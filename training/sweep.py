@@ -131,6 +131,9 @@ def load_config(path: str | Path) -> SweepSpec:
     base_dir = path.parent
     raw["data"] = _resolve(raw["data"], base_dir)
     raw["manifest"] = _resolve(raw.get("manifest"), base_dir)
+    raw["annotations"] = _resolve(raw.get("annotations"), base_dir)
+    if raw.get("localiser") and (base_dir / str(raw["localiser"])).exists():  # else a run id
+        raw["localiser"] = _resolve(raw["localiser"], base_dir)
     if raw.get("weights") not in (None, "none", "imagenet"):
         raw["weights"] = _resolve(raw["weights"], base_dir)
     if "progressive" in grid["stage"]:
