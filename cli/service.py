@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Annotated
 
@@ -33,14 +34,19 @@ def serve(
     )
 
 
-def _audit_store():
+@contextlib.contextmanager
+def _key_store():
+    """The service database's key store, migrated; disposed of afterwards."""
     from service.config import get_settings
-    from service.db import AuditStore
+    from service.db import Database
+    from service.keys import KeyStore
 
-    settings = get_settings()
-    store = AuditStore(settings.audit_url(), settings.audit_spool())
-    store.migrate()
-    return store
+    db = Database(get_settings().audit_url())
+    try:
+        db.migrate()
+        yield KeyStore(db)
+    finally:
+        db.dispose()
 
 
 @keys_app.command("create")
@@ -52,9 +58,8 @@ def keys_create(
 ):
     """Create an API key; prints it last (it is shown once, only its hash is stored)."""
     with user_errors():
-        store = _audit_store()
-        key_id, token = store.create_key(scope, name)
-        store.close()
+        with _key_store() as store:
+            key_id, token = store.create_key(scope, name)
     log.info("created %s key %s", scope, key_id)
     typer.echo(token)
 
@@ -63,9 +68,8 @@ def keys_create(
 def keys_list():
     """Keys with their id, scope and state (never the secret)."""
     with user_errors():
-        store = _audit_store()
-        keys = store.list_keys()
-        store.close()
+        with _key_store() as store:
+            keys = store.list_keys()
     typer.echo(json.dumps(keys, indent=1, default=str))
 
 
@@ -73,9 +77,8 @@ def keys_list():
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id (from keys list).")]):
     """Revoke a key (a running service may trust a key it verified for up to 5 minutes)."""
     with user_errors():
-        store = _audit_store()
-        found = store.revoke_key(key_id)
-        store.close()
+        with _key_store() as store:
+            found = store.revoke_key(key_id)
     if not found:
         raise fail(f"no key {key_id}")
     typer.echo(key_id)

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.models import GRAPH_OPTIMIZATION, Runtime
 from thyroid_cad import settings as paths
 
 
@@ -43,6 +44,22 @@ class Settings(BaseSettings):
     public_metrics: bool = Field(True, description="/metrics needs no key.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted upload.")
     max_image_pixels: int = Field(40_000_000, description="Largest accepted width x height.")
+    # Batching and onnxruntime (service/batching.py, docs/benchmarks.md for the defaults).
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Frames per onnxruntime call; unset: 1 on CPU, 16 on GPU."
+    )
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, description="How long the first request waits for others to join its batch."
+    )
+    max_queue_size: int = Field(
+        64, ge=1, description="Frames waiting at most; beyond, 503 with Retry-After."
+    )
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: auto).")
+    inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: auto).")
+    graph_optimization: str = Field(
+        "all", description=f"onnxruntime graph optimisation: {', '.join(GRAPH_OPTIMIZATION)}."
+    )
+    io_binding: str = Field("auto", description="auto (on with CUDA), on or off.")
 
     def audit_url(self) -> str:
         if self.database_url:
@@ -52,6 +69,23 @@ class Settings(BaseSettings):
 
     def audit_spool(self) -> Path:
         return self.spool_dir or paths.home() / "audit-spool"
+
+    def runtime(self) -> Runtime:
+        """How models run: providers, session options, and the batch policy."""
+        if self.graph_optimization not in GRAPH_OPTIMIZATION:
+            raise ValueError(f"graph_optimization must be one of {list(GRAPH_OPTIMIZATION)}")
+        if self.io_binding not in ("auto", "on", "off"):
+            raise ValueError("io_binding must be auto, on or off")
+        return Runtime(
+            providers=tuple(self.providers),
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            graph_optimization=self.graph_optimization,
+            io_binding=self.io_binding,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_s=self.max_queue_delay_ms / 1e3,
+            max_queue_size=self.max_queue_size,
+        )
 
 
 @lru_cache

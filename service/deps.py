@@ -8,23 +8,32 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.errors import ApiError
 
 KEY_CACHE_S = 300.0
+# Declares the scheme in the OpenAPI document; authorize() does the checking itself so
+# that every failure is the service's own JSON error.
+bearer = HTTPBearer(auto_error=False, description="An API key: `thyroid-cad keys create`.")
 
 
 def authorize(request: Request, scope: str):
     """The caller's API key if it grants `scope` ('predict' or 'admin'), else 401/403.
 
     Verified keys are remembered for a few minutes so a database outage does not lock
-    out clients that were already talking to the service.
+    out clients that were already talking to the service. Checked once per request.
     """
     settings: Settings = request.app.state.settings
     if not settings.require_api_key:
         return None
+    done = getattr(request.state, "api_key", None)
+    if done is not None and (scope != "admin" or done.scope == "admin"):
+        return done
     header = request.headers.get("authorization", "")
     if not header.lower().startswith("bearer ") or not header[7:].strip():
         raise ApiError(401, "missing_api_key", "send 'Authorization: Bearer <API key>'")
@@ -36,7 +45,7 @@ def authorize(request: Request, scope: str):
         key = hit[0]
     else:
         try:
-            key = request.app.state.audit.verify_key(token)
+            key = request.app.state.keys.verify_key(token)
         except Exception as e:  # the key store is the database; it may be down
             raise ApiError(503, "auth_unavailable", "cannot verify API keys right now") from e
         if key is None:
@@ -44,15 +53,39 @@ def authorize(request: Request, scope: str):
         cache[digest] = (key, time.monotonic())
     if scope == "admin" and key.scope != "admin":
         raise ApiError(403, "forbidden", "this route needs an admin key")
+    request.state.api_key = key
     return key
 
 
-def predict_scope(request: Request):
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+def predict_scope(request: Request, _: Bearer):
     return authorize(request, "predict")
 
 
-def admin_scope(request: Request):
+def admin_scope(request: Request, _: Bearer):
     return authorize(request, "admin")
+
+
+def auth_first(scope: str) -> type[APIRoute]:
+    """A route class that checks the API key before the request body is read or parsed.
+
+    FastAPI parses a body (a multipart upload) before it runs dependencies, so without
+    this a client with no key would learn about its malformed body before its missing key.
+    """
+
+    class AuthFirstRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def route(request: Request):
+                await run_in_threadpool(authorize, request, scope)
+                return await handler(request)
+
+            return route
+
+    return AuthFirstRoute
 
 
 def health_scope(request: Request):
@@ -106,3 +139,8 @@ class Audited:
         app.state.metrics.latency.labels(self.route, version).observe(elapsed)
         if error_code:
             app.state.metrics.errors.labels(self.route, error_code).inc()
+        if error_code == "overloaded":
+            app.state.metrics.rejected.labels(version).inc()
+        if "queue_ms" in (self.record.get("timings") or {}):
+            queued = self.record["timings"]["queue_ms"] / 1e3
+            app.state.metrics.queue_time.labels(version).observe(queued)

@@ -15,9 +15,10 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error a client can act on: HTTP status, a stable code, a readable message."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers
 
 
 def error_body(code: str, message: str) -> dict:
@@ -32,7 +33,9 @@ def _body(request: Request, code: str, message: str) -> dict:
 
 
 async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(_body(request, exc.code, exc.message), status_code=exc.status)
+    return JSONResponse(
+        _body(request, exc.code, exc.message), status_code=exc.status, headers=exc.headers
+    )
 
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:

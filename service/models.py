@@ -21,10 +21,54 @@ import numpy as np
 import onnxruntime as ort
 
 from registry import store
+from service.batching import Batcher, BatchPolicy, Overloaded, Result
 from service.errors import ApiError
 from thyroid_cad.files import sha256_file
 
 log = logging.getLogger(__name__)
+
+
+GRAPH_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# Default frames per call, by provider. Measured in docs/benchmarks.md: on CPU one
+# onnxruntime call already uses every core and batching gains nothing, so requests only
+# queue (and run one at a time); on a GPU, batches pay off.
+DEFAULT_BATCH = {"CPUExecutionProvider": 1}
+GPU_DEFAULT_BATCH = 16
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How models are run: onnxruntime providers and session options, and batching."""
+
+    providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"
+    io_binding: str = "auto"  # auto: on with the CUDA provider; on; off
+    max_batch_size: int | None = None  # None: DEFAULT_BATCH by the provider in use
+    max_queue_delay_s: float = 0.002
+    max_queue_size: int = 64
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        # Severity 4: the CUDA provider's failure on a CPU host is an [E] line with colour
+        # codes at every session; load() reports the provider in use itself, in one line.
+        options.log_severity_level = 4
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.inter_op_threads
+        options.graph_optimization_level = GRAPH_OPTIMIZATION[self.graph_optimization]
+        return options
+
+    def policy_for(self, provider: str) -> BatchPolicy:
+        size = self.max_batch_size or DEFAULT_BATCH.get(provider, GPU_DEFAULT_BATCH)
+        # With batches of one there is nothing to wait for.
+        delay = self.max_queue_delay_s if size > 1 else 0.0
+        return BatchPolicy(size, delay, self.max_queue_size)
 
 
 @dataclass(frozen=True)
@@ -37,6 +81,8 @@ class LoadedModel:
     path: Path
     loaded_at: str
     from_cache: bool
+    io_binding: bool = False
+    batcher: Batcher | None = field(default=None, repr=False, compare=False)
 
     @property
     def input_size(self) -> int:
@@ -46,11 +92,47 @@ class LoadedModel:
     def has_heatmap(self) -> bool:
         return bool(self.card.get("heatmap"))
 
+    @property
+    def output_names(self) -> list[str]:
+        return ["probabilities"] + (["heatmap"] if self.has_heatmap else [])
+
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities N x K, heatmap N x h x w x K or None) for uint8 N x S x S x 3."""
-        names = ["probabilities"] + (["heatmap"] if self.has_heatmap else [])
-        out = self.session.run(names, {"image": batch})
+        names = self.output_names
+        if self.io_binding:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input("image", np.ascontiguousarray(batch))
+            for name in names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            out = binding.copy_outputs_to_cpu()
+        else:
+            out = self.session.run(names, {"image": batch})
         return out[0], (out[1] if self.has_heatmap else None)
+
+    def infer(self, batch: np.ndarray) -> Result:
+        """Run through this model's batcher (queued with other requests' frames).
+
+        Raises:
+            ApiError: 503 `overloaded` with Retry-After when the queue is full.
+        """
+        if self.batcher is None:
+            probs, maps = self.run(batch)
+            return Result(probs, maps, 0.0, len(batch))
+        try:
+            return self.batcher.submit(batch)
+        except Overloaded as e:
+            raise ApiError(
+                503,
+                "overloaded",
+                f"the inference queue is full ({e}); retry after {e.retry_after_s} s",
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from e
+
+    def close(self) -> None:
+        """Finish queued requests and stop the batcher (the session is freed with self)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def describe(self) -> dict:
         return {
@@ -66,8 +148,22 @@ class LoadedModel:
         }
 
 
-def load(resolved: store.Resolved, providers: list[str]) -> LoadedModel:
+_cpu_fallback_logged = False
+
+
+def _report_providers(requested: tuple[str, ...], used: list[str]) -> None:
+    """One plain line, once per process, when a GPU provider was asked for but is absent."""
+    global _cpu_fallback_logged
+    missing = [p for p in requested if p not in used and p != "CPUExecutionProvider"]
+    if missing and not _cpu_fallback_logged:
+        _cpu_fallback_logged = True
+        log.warning("%s not usable on this host; models run on %s", ", ".join(missing), used[0])
+
+
+def load(resolved: store.Resolved, runtime: Runtime, on_event=None) -> LoadedModel:
     """Open and check a resolved model: hash matches the card, a warm-up inference runs.
+
+    `on_event("batch", ...)` hears of every batch its batcher runs (metrics).
 
     Raises:
         ValueError: the file fails a check; the caller keeps what it had.
@@ -75,21 +171,28 @@ def load(resolved: store.Resolved, providers: list[str]) -> LoadedModel:
     card = resolved.card
     if sha256_file(resolved.onnx_path) != card.get("sha256"):
         raise ValueError(f"{resolved.name} v{resolved.version}: file does not match its card")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the CUDA provider's fallback warning on CPU hosts
+    # The CUDA provider's failure to load on a CPU host goes to the default logger as an
+    # [E] line with colour codes; _report_providers() says it once, plainly, instead.
+    ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(str(resolved.onnx_path), options, providers=providers)
+        session = ort.InferenceSession(
+            str(resolved.onnx_path), runtime.session_options(), providers=list(runtime.providers)
+        )
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph classes
         raise ValueError(f"{resolved.name} v{resolved.version} does not load: {e}") from e
+    used = session.get_providers()
+    _report_providers(runtime.providers, used)
+    on_cuda = used[0] == "CUDAExecutionProvider"
     model = LoadedModel(
         name=resolved.name,
         version=resolved.version,
         card=card,
         session=session,
-        providers=tuple(session.get_providers()),
+        providers=tuple(used),
         path=resolved.onnx_path,
         loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         from_cache=resolved.cached,
+        io_binding=runtime.io_binding == "on" or (runtime.io_binding == "auto" and on_cuda),
     )
     size = model.input_size
     try:
@@ -98,7 +201,23 @@ def load(resolved: store.Resolved, providers: list[str]) -> LoadedModel:
         raise ValueError(f"{resolved.name} v{resolved.version} fails its warm-up: {e}") from e
     if probs.shape != (1, len(card["class_names"])) or not np.all(np.isfinite(probs)):
         raise ValueError(f"{resolved.name} v{resolved.version}: warm-up output is malformed")
-    log.info("loaded %s v%s on %s", model.name, model.version, model.providers[0])
+    policy = runtime.policy_for(used[0])
+    version = str(model.version)
+
+    def on_batch(frames: int, seconds: float) -> None:
+        if on_event is not None:
+            on_event("batch", model_version=version, frames=frames, seconds=seconds)
+
+    batcher = Batcher(model.run, policy, f"{model.name}-v{version}", on_batch)
+    model = dataclasses.replace(model, batcher=batcher)
+    log.info(
+        "loaded %s v%s on %s (batch <= %d, queue <= %d)",
+        model.name,
+        model.version,
+        used[0],
+        policy.max_batch_size,
+        policy.max_queue_size,
+    )
     return model
 
 
@@ -109,7 +228,7 @@ class ModelManager:
         self,
         reference: str,
         extra_aliases: list[str],
-        providers: list[str],
+        runtime: Runtime,
         max_loaded: int,
         on_event=None,
     ):
@@ -118,7 +237,7 @@ class ModelManager:
             raise ValueError(f"the served model must be NAME@ALIAS, got {reference!r}")
         self.aliases = [alias] + [a for a in extra_aliases if a != alias]
         self.default_alias = alias
-        self.providers = providers
+        self.runtime = runtime
         self.max_loaded = max_loaded
         self.on_event = on_event or (lambda kind, **labels: None)
         self._by_alias: dict[str, LoadedModel] = {}
@@ -162,7 +281,7 @@ class ModelManager:
                         self._swap(alias, dataclasses.replace(current, from_cache=False))
                 continue
             try:
-                model = load(resolved, self.providers)
+                model = load(resolved, self.runtime, self.on_event)
             except ValueError as e:
                 log.error("refusing %s@%s v%s: %s", self.name, alias, resolved.version, e)
                 self.errors[alias] = f"refused v{resolved.version}: {e}"
@@ -178,7 +297,15 @@ class ModelManager:
 
     def _swap(self, alias: str, model: LoadedModel) -> None:
         with self._lock:
+            old = self._by_alias.get(alias)
             self._by_alias[alias] = model
+            retired = old is not None and not self._holds_batcher(old.batcher)
+        if retired:  # requests already queued on it finish; new ones reach `model`
+            old.close()
+
+    def _holds_batcher(self, batcher) -> bool:
+        held = [*self._by_alias.values(), *self._pinned.values()]
+        return any(m.batcher is batcher for m in held)
 
     # -- polling ------------------------------------------------------------------
     def start(self, interval_s: float) -> None:
@@ -201,6 +328,10 @@ class ModelManager:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+        with self._lock:
+            held = {id(m.batcher): m for m in [*self._by_alias.values(), *self._pinned.values()]}
+        for model in held.values():
+            model.close()
 
     # -- lookup -------------------------------------------------------------------
     @property
@@ -249,13 +380,20 @@ class ModelManager:
             if resolved is None:
                 raise ApiError(404, "version_not_found", str(e)) from e
         try:
-            model = load(resolved, self.providers)
+            model = load(resolved, self.runtime, self.on_event)
         except ValueError as e:
             raise ApiError(503, "model_load_failed", str(e)) from e
+        evicted = []
         with self._lock:
+            if version in self._pinned:  # another request loaded it meanwhile
+                evicted.append(model)
+                model = self._pinned[version]
             self._pinned[version] = model
             while len(self._pinned) + len(self._by_alias) > self.max_loaded and self._pinned:
-                self._pinned.popitem(last=False)
+                evicted.append(self._pinned.popitem(last=False)[1])
+        for old in evicted:
+            if old is not model:
+                old.close()
         return model
 
     def loaded(self) -> list[dict]:

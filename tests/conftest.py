@@ -106,8 +106,9 @@ def make_served(export: Path, work: Path, label: str):
     from types import SimpleNamespace
 
     from registry import store
+    from service.audit import AuditStore
     from service.config import Settings
-    from service.db import AuditStore
+    from service.keys import KeyStore
 
     name = f"{label}-{uuid.uuid4().hex[:8]}"
     version = store.register(export, name)
@@ -120,8 +121,9 @@ def make_served(export: Path, work: Path, label: str):
     )
     audit = AuditStore(settings.audit_url(), settings.audit_spool())
     audit.migrate()
-    predict_key = audit.create_key("predict", label)[1]
-    admin_key = audit.create_key("admin", label)[1]
+    keys = KeyStore(audit.db)
+    predict_key = keys.create_key("predict", label)[1]
+    admin_key = keys.create_key("admin", label)[1]
     audit.close()
     return SimpleNamespace(
         settings=settings,

@@ -1,4 +1,5 @@
-"""service.db.AuditStore against real databases: a SQLite file and a fresh PostgreSQL database.
+"""service.audit.AuditStore and service.keys.KeyStore against real databases: a SQLite
+file and a fresh PostgreSQL database.
 
 Outages are real, not mocked: a SQLite path whose folder does not exist yet, a PostgreSQL
 database that does not exist yet, and (PostgreSQL) a database renamed away under a live store.
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from service.db import RECORD_KEYS, ApiKey, AuditStore
+from service.audit import RECORD_KEYS, AuditStore
+from service.keys import ApiKey, KeyStore
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_HOST = os.environ.get("THYROID_CAD_TEST_PG_HOST", "127.0.0.1")
@@ -225,7 +227,7 @@ def test_migration_matches_the_models(store):
 def test_concurrent_migrate_from_two_processes(db_url, tmp_path):
     script = (
         "import sys, time\n"
-        "from service.db import AuditStore\n"
+        "from service.audit import AuditStore\n"
         "s = AuditStore(sys.argv[1], sys.argv[2])\n"
         "time.sleep(max(0.0, float(sys.argv[3]) - time.time()))\n"
         "s.migrate()\n"
@@ -519,36 +521,38 @@ def test_replayer_thread_drains_the_spool_once_the_db_is_back(unavailable_db, ma
 
 
 def test_api_keys_create_verify_revoke(store):
-    key_id, token = store.create_key("predict", name="scanner-1")
-    admin_id, admin_token = store.create_key("admin")
+    keys = KeyStore(store.db)
+    key_id, token = keys.create_key("predict", name="scanner-1")
+    admin_id, admin_token = keys.create_key("admin")
     assert token.startswith(f"tcad_{key_id}_") and len(key_id) == 12
-    assert store.verify_key(token) == ApiKey(id=key_id, name="scanner-1", scope="predict")
-    assert store.verify_key(admin_token) == ApiKey(id=admin_id, name=None, scope="admin")
-    assert store.verify_key(token) is not None  # repeatable
+    assert keys.verify_key(token) == ApiKey(id=key_id, name="scanner-1", scope="predict")
+    assert keys.verify_key(admin_token) == ApiKey(id=admin_id, name=None, scope="admin")
+    assert keys.verify_key(token) is not None  # repeatable
 
     with pytest.raises(ValueError):
-        store.create_key("root")
+        keys.create_key("root")
 
-    keys = {k["id"]: k for k in store.list_keys()}
-    assert set(keys) == {key_id, admin_id}
-    assert keys[key_id]["scope"] == "predict" and keys[key_id]["name"] == "scanner-1"
-    assert keys[key_id]["revoked_at"] is None and keys[key_id]["last_used_at"] is not None
-    assert datetime.fromisoformat(keys[key_id]["created_at"]).tzinfo is not None
-    assert all("hash" not in k for k in keys.values())
+    listed = {k["id"]: k for k in keys.list_keys()}
+    assert set(listed) == {key_id, admin_id}
+    assert listed[key_id]["scope"] == "predict" and listed[key_id]["name"] == "scanner-1"
+    assert listed[key_id]["revoked_at"] is None and listed[key_id]["last_used_at"] is not None
+    assert datetime.fromisoformat(listed[key_id]["created_at"]).tzinfo is not None
+    assert all("hash" not in k for k in listed.values())
 
-    assert store.revoke_key(key_id) is True
-    assert store.verify_key(token) is None
-    assert store.verify_key(admin_token) is not None
-    assert store.revoke_key(key_id) is False  # already revoked
-    assert store.revoke_key("ffffffffffff") is False
-    assert store.revoke_key("not-an-id") is False
-    assert {k["id"]: k for k in store.list_keys()}[key_id]["revoked_at"] is not None
+    assert keys.revoke_key(key_id) is True
+    assert keys.verify_key(token) is None
+    assert keys.verify_key(admin_token) is not None
+    assert keys.revoke_key(key_id) is False  # already revoked
+    assert keys.revoke_key("ffffffffffff") is False
+    assert keys.revoke_key("not-an-id") is False
+    assert {k["id"]: k for k in keys.list_keys()}[key_id]["revoked_at"] is not None
 
 
 def test_api_keys_reject_wrong_and_malformed_tokens(store):
-    key_id, token = store.create_key("predict")
+    keys = KeyStore(store.db)
+    key_id, token = keys.create_key("predict")
     secret = token.split("_", 2)[2]
-    other_id, _ = store.create_key("predict")
+    other_id, _ = keys.create_key("predict")
     bad = [
         f"tcad_{key_id}_{'A' * len(secret)}",  # wrong secret
         token[:-1] + ("A" if token[-1] != "A" else "B"),  # one character off
@@ -570,12 +574,13 @@ def test_api_keys_reject_wrong_and_malformed_tokens(store):
         token.encode(),
     ]
     for candidate in bad:
-        assert store.verify_key(candidate) is None, candidate  # type: ignore[arg-type]
-    assert store.verify_key(token) is not None
+        assert keys.verify_key(candidate) is None, candidate  # type: ignore[arg-type]
+    assert keys.verify_key(token) is not None
 
 
 def test_api_key_secrets_are_not_stored_in_plaintext(store):
-    tokens = [store.create_key("predict", name=f"k{i}")[1] for i in range(3)]
+    keys = KeyStore(store.db)
+    tokens = [keys.create_key("predict", name=f"k{i}")[1] for i in range(3)]
     with store.engine.connect() as conn:
         rows = conn.execute(text("SELECT * FROM api_keys")).all()
     dump = repr(rows)
@@ -592,7 +597,7 @@ def test_api_key_secrets_are_not_stored_in_plaintext(store):
 
 def test_import_creates_no_engine_and_no_tensorflow():
     code = (
-        "import sys, service.db\n"
+        "import sys, service.db, service.audit, service.keys\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'training')]\n"
         "assert not bad, bad\n"
         "import gc, sqlalchemy\n"

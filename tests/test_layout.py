@@ -34,9 +34,7 @@ def imported_tops(path: Path) -> set[str]:
 def test_import_arrows_point_one_way(package):
     files = sorted((ROOT / package).rglob("*.py"))
     assert files, f"{package}/ has no Python files"
-    bad = {
-        str(f.relative_to(ROOT)): sorted(imported_tops(f) & FORBIDDEN[package]) for f in files
-    }
+    bad = {str(f.relative_to(ROOT)): sorted(imported_tops(f) & FORBIDDEN[package]) for f in files}
     assert not {f: names for f, names in bad.items() if names}
 
 

@@ -55,7 +55,15 @@ def test_predict_returns_versioned_probabilities_heatmap_and_disclaimer(client, 
     )
     image = Image.open(io.BytesIO(base64.b64decode(heat["data"])))
     assert image.size == (256, 256)  # upsampled onto the uploaded frame
-    assert set(body["timings"]) == {"decode_ms", "preprocess_ms", "inference_ms", "total_ms"}
+    assert set(body["timings"]) == {
+        "decode_ms",
+        "preprocess_ms",
+        "queue_ms",
+        "inference_ms",
+        "batch_size",
+        "total_ms",
+    }
+    assert body["timings"]["batch_size"] == 1  # CPU default: batches of one
     assert r.headers["X-Request-ID"] == body["request_id"]
 
 

@@ -1,6 +1,6 @@
 """Alembic environment for the audit store (configured programmatically, no alembic.ini).
 
-`service.db.AuditStore.migrate()` passes its open connection in ``config.attributes``;
+`service.db.Database.migrate()` passes its open connection in ``config.attributes``;
 without one (e.g. ``alembic -x``-less offline use) ``sqlalchemy.url`` is used.
 """
 

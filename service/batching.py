@@ -1,0 +1,174 @@
+"""Dynamic batching for one model, in the vocabulary of Triton's dynamic batcher.
+
+Requests (each one or more prepared frames) wait in a bounded queue; one worker thread
+takes whole requests until the batch holds `max_batch_size` frames or the oldest
+request has waited `max_queue_delay`, runs them as one onnxruntime call and hands each
+request its rows. A request larger than `max_batch_size` runs as a batch of its own.
+When the queue holds `max_queue_size` frames, new requests are refused at once
+(`Overloaded` -> 503 with Retry-After) instead of waiting without bound.
+
+The worker also serialises inference: on a CPU host onnxruntime already spreads one
+call over every core, so concurrent `session.run` calls only oversubscribe them.
+
+Hot swap: `close()` lets the worker finish every request already queued, then stop;
+a request that reaches a closed batcher (it took its model reference just before the
+swap) runs directly in its own thread. Nothing queued is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Outputs = tuple[np.ndarray, np.ndarray | None]  # probabilities, heatmap (or None)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 1
+    max_queue_delay_s: float = 0.002
+    max_queue_size: int = 64
+
+    def __post_init__(self):
+        if self.max_batch_size < 1 or self.max_queue_size < 1 or self.max_queue_delay_s < 0:
+            raise ValueError(f"invalid batch policy {self}")
+
+
+class Overloaded(Exception):
+    """The queue is full; the caller should answer 503 and ask the client to retry."""
+
+    def __init__(self, queued: int, limit: int, retry_after_s: int):
+        super().__init__(f"{queued} images queued (limit {limit})")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Request:
+    frames: np.ndarray
+    enqueued: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    outputs: Outputs | None = None
+    error: BaseException | None = None
+    queue_s: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class Result:
+    probabilities: np.ndarray
+    heatmap: np.ndarray | None
+    queue_s: float  # time spent waiting before its batch ran
+    batch_size: int  # frames in the onnxruntime call that served it
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], Outputs],
+        policy: BatchPolicy,
+        name: str = "",
+        on_batch: Callable[[int, float], None] | None = None,
+    ):
+        """`on_batch(frames, seconds)` is told of every onnxruntime call (for metrics)."""
+        self._run, self.policy, self.name = run, policy, name
+        self._on_batch = on_batch or (lambda frames, seconds: None)
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_frames = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._busy_s = 0.0  # recent time per batch, for Retry-After
+        self._thread = threading.Thread(target=self._work, daemon=True, name=f"batcher-{name}")
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._queued_frames
+
+    def submit(self, frames: np.ndarray) -> Result:
+        """Run `frames` (N x S x S x 3 uint8) in some batch; blocks until done."""
+        request = _Request(frames)
+        with self._cond:
+            if self._closed:
+                probs, maps = self._run(frames)
+                return Result(probs, maps, 0.0, len(frames))
+            if self._queued_frames + len(frames) > self.policy.max_queue_size and self._queue:
+                per_frame = self._busy_s / max(self.policy.max_batch_size, 1)
+                wait = per_frame * self._queued_frames
+                raise Overloaded(
+                    self._queued_frames, self.policy.max_queue_size, max(1, round(wait))
+                )
+            self._queue.append(request)
+            self._queued_frames += len(frames)
+            self._cond.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        probs, maps = request.outputs
+        return Result(probs, maps, request.queue_s, request.batch_size)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop taking requests; finish those queued, then end the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    # -- worker -------------------------------------------------------------------
+    def _take(self) -> list[_Request] | None:
+        """The next batch: whole requests, at most max_batch_size frames (or one request)."""
+        policy = self.policy
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].enqueued + policy.max_queue_delay_s
+            while self._queued_frames < policy.max_batch_size and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, frames = [], 0
+            while self._queue and (
+                not batch or frames + len(self._queue[0].frames) <= policy.max_batch_size
+            ):
+                request = self._queue.popleft()
+                batch.append(request)
+                frames += len(request.frames)
+            self._queued_frames -= frames
+            return batch
+
+    def _work(self) -> None:
+        while (batch := self._take()) is not None:
+            start = time.perf_counter()
+            try:
+                frames = (
+                    batch[0].frames
+                    if len(batch) == 1
+                    else np.concatenate([r.frames for r in batch])
+                )
+                probs, maps = self._run(frames)
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting request
+                for r in batch:
+                    r.error = e
+                    r.done.set()
+                continue
+            took = time.perf_counter() - start
+            self._on_batch(len(frames), took)
+            self._busy_s = 0.8 * self._busy_s + 0.2 * took if self._busy_s else took
+            row = 0
+            for r in batch:
+                n = len(r.frames)
+                r.outputs = (probs[row : row + n], None if maps is None else maps[row : row + n])
+                r.queue_s, r.batch_size = start - r.enqueued, len(frames)
+                row += n
+                r.done.set()

@@ -1,0 +1,75 @@
+"""Heatmaps for people: the model's map, back in the original image's pixels, as PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+from service.models import LoadedModel
+from service.schemas import HeatmapOut
+from thyroid_cad import imaging
+
+
+def _colormap(values: np.ndarray) -> np.ndarray:
+    """0..1 floats -> RGB uint8 with a perceptually ordered blue-green-yellow-red ramp."""
+    stops = np.array(
+        [[0, 0, 128], [0, 128, 255], [0, 220, 120], [255, 230, 0], [220, 0, 0]], dtype=np.float64
+    )
+    x = np.clip(values, 0, 1) * (len(stops) - 1)
+    i = np.minimum(np.floor(x).astype(int), len(stops) - 2)
+    t = (x - i)[..., None]
+    return (stops[i] * (1 - t) + stops[i + 1] * t).astype(np.uint8)
+
+
+def _png(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG", optimize=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_heatmap(
+    model: LoadedModel,
+    heatmap: np.ndarray | None,
+    class_index: int,
+    mode: str,
+    rgb: np.ndarray,
+    geometry: imaging.Geometry,
+) -> HeatmapOut | None:
+    if mode == "none":
+        return None
+    names = model.card["class_names"]
+    if heatmap is None:
+        return HeatmapOut(
+            available=False,
+            reason=model.card.get("heatmap_note") or "this model has no heatmap output",
+        )
+    raw = heatmap[..., class_index]
+    if mode == "array":
+        return HeatmapOut(
+            available=True,
+            class_name=names[class_index],
+            format="array",
+            width=raw.shape[1],
+            height=raw.shape[0],
+            data=raw.round(6).tolist(),
+        )
+    peak = float(raw.max())
+    norm = raw / peak if peak > 0 else np.zeros_like(raw)
+    square = np.asarray(
+        Image.fromarray(norm.astype(np.float32), mode="F").resize(
+            (geometry.size, geometry.size), Image.Resampling.BILINEAR
+        )
+    )
+    full = np.clip(imaging.to_original(square, geometry), 0, 1)
+    h, w = full.shape
+    if mode == "png":
+        data = _png((full * 255).round().astype(np.uint8))
+    else:  # overlay: the map, coloured, blended where it is strong
+        alpha = (0.55 * full)[..., None]
+        data = _png((rgb * (1 - alpha) + _colormap(full) * alpha).round().astype(np.uint8))
+    return HeatmapOut(
+        available=True, class_name=names[class_index], format=mode, width=w, height=h, data=data
+    )

@@ -1,0 +1,216 @@
+"""/v1: the clinical JSON API (predict with heatmaps, loaded models, the audit trail)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Path, Query, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from service import heatmaps, inference
+from service.config import Settings
+from service.deps import AdminKey, Audited, PredictKey, auth_first
+from service.errors import ApiError
+from service.models import ModelManager
+from service.schemas import DISCLAIMER, ErrorOut, PredictResponse, TimingsOut
+
+
+def errors(*statuses: int) -> dict:
+    """OpenAPI entries for the error answers a route can give (all share ErrorOut)."""
+    why = {
+        400: "Bad input: corrupt image, unknown class, malformed request.",
+        401: "Missing or unknown API key.",
+        403: "The key lacks the scope this route needs.",
+        404: "No such model, alias or version.",
+        413: "Upload or image too large.",
+        415: "Not a PNG, JPEG, BMP, TIFF or DICOM file, or an undecodable DICOM.",
+        422: "A parameter fails the schema.",
+        503: "No model loaded, the queue is full (Retry-After), or a dependency is down.",
+    }
+    return {s: {"model": ErrorOut, "description": why[s]} for s in statuses}
+
+
+PREDICT_ERRORS = errors(400, 401, 403, 404, 413, 415, 422, 503)
+HeatmapMode = Literal["none", "png", "overlay", "array"]
+HeatmapQ = Annotated[
+    HeatmapMode,
+    Query(description="none, png (grey map), overlay (blended), or array (raw)."),
+]
+ClassQ = Annotated[
+    str | None,
+    Query(alias="class", min_length=1, description="Heatmap for this class, not the predicted."),
+]
+Upload = Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF or DICOM.")]
+ISO_8601 = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?$"
+)
+TimeQ = Annotated[
+    str | None,
+    Query(pattern=ISO_8601, description="ISO 8601 date or date-time (UTC if no offset)."),
+]
+
+# Predict routes check the key before the upload is parsed (see deps.auth_first).
+predict = APIRouter(tags=["v1"], route_class=auth_first("predict"), responses=PREDICT_ERRORS)
+router = APIRouter(tags=["v1"])
+
+
+def read_upload(file: UploadFile, limit: int) -> bytes:
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "file_too_large", f"upload exceeds {limit} bytes")
+    return data
+
+
+def predict_upload(
+    request: Request,
+    file: UploadFile,
+    key,
+    route: str,
+    heatmap: str,
+    class_name: str | None,
+    alias: str | None = None,
+    version: int | None = None,
+    name: str | None = None,
+) -> JSONResponse:
+    with Audited(request, route, key) as audited:
+        settings: Settings = request.app.state.settings
+        model, via = request.app.state.models.get(alias=alias, version=version, name=name)
+        audited.record.update(model_name=model.name, model_version=model.version)
+        t0 = time.perf_counter()
+        data = read_upload(file, settings.max_upload_bytes)
+        audited.record["input_sha256"] = hashlib.sha256(data).hexdigest()
+        names = model.card["class_names"]
+        if class_name is not None and class_name not in names:  # before any decoding work
+            raise ApiError(400, "unknown_class", f"class must be one of {names}")
+        read_s = time.perf_counter() - t0
+        prepared = inference.prepare(data, model.input_size, settings.max_image_pixels)
+        audited.record.update(
+            content_type=prepared.content_type,
+            image_height=prepared.rgb.shape[0],
+            image_width=prepared.rgb.shape[1],
+        )
+        scored = inference.score(model, prepared)
+        prediction = scored.prediction
+        index = names.index(class_name or prediction.label)
+        rendered = heatmaps.render_heatmap(
+            model, scored.heatmap, index, heatmap, prepared.rgb, prepared.geometry
+        )
+        timings = TimingsOut(
+            decode_ms=(read_s + prepared.decode_s) * 1e3,
+            preprocess_ms=prepared.prepare_s * 1e3,
+            queue_ms=scored.queue_s * 1e3,
+            inference_ms=scored.inference_s * 1e3,
+            batch_size=scored.batch_size,
+            total_ms=(time.perf_counter() - audited.start) * 1e3,
+        )
+        body = PredictResponse(
+            request_id=audited.record["request_id"],
+            model=inference.describe_model(model, via),
+            prediction=prediction,
+            heatmap=rendered,
+            timings=timings,
+            disclaimer=DISCLAIMER,
+        )
+        audited.record.update(
+            label=prediction.label,
+            probabilities=prediction.probabilities,
+            timings={k: round(v, 3) for k, v in timings.model_dump().items()},
+        )
+        audited.finish(200)
+        return JSONResponse(
+            body.model_dump(by_alias=True), headers={"X-Request-ID": audited.record["request_id"]}
+        )
+
+
+@predict.post("/v1/predict", response_model=PredictResponse)
+def predict_default(
+    request: Request,
+    key: PredictKey,
+    file: Upload,
+    heatmap: HeatmapQ = "png",
+    class_name: ClassQ = None,
+    alias: Annotated[str | None, Query(min_length=1, description="e.g. challenger")] = None,
+):
+    """Classify one ultrasound image with the champion (or ?alias=) model."""
+    return predict_upload(request, file, key, "/v1/predict", heatmap, class_name, alias=alias)
+
+
+@predict.post("/v1/models/{name}/predict", response_model=PredictResponse)
+def predict_alias(
+    request: Request,
+    name: str,
+    key: PredictKey,
+    file: Upload,
+    heatmap: HeatmapQ = "png",
+    class_name: ClassQ = None,
+    alias: Annotated[str, Query(min_length=1, description="Registry alias.")] = "champion",
+):
+    """Classify with the version an alias of this model points at."""
+    route = "/v1/models/{name}/predict"
+    return predict_upload(request, file, key, route, heatmap, class_name, alias=alias, name=name)
+
+
+@predict.post("/v1/models/{name}/versions/{version}/predict", response_model=PredictResponse)
+def predict_version(
+    request: Request,
+    name: str,
+    version: Annotated[int, Path(ge=1, description="Registered model version (1, 2, ...).")],
+    key: PredictKey,
+    file: Upload,
+    heatmap: HeatmapQ = "png",
+    class_name: ClassQ = None,
+):
+    """Classify with one pinned model version."""
+    route = "/v1/models/{name}/versions/{version}/predict"
+    return predict_upload(
+        request, file, key, route, heatmap, class_name, version=version, name=name
+    )
+
+
+@router.get("/v1/models", responses=errors(401, 403))
+def models(request: Request, key: PredictKey):
+    """Loaded model versions with their cards, provider and status."""
+    manager: ModelManager = request.app.state.models
+    return {
+        "name": manager.name,
+        "default_alias": manager.default_alias,
+        "registry_reachable": manager.registry_reachable,
+        "errors": manager.errors,
+        "models": manager.loaded(),
+    }
+
+
+def _when(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(re.sub(r"Z$", "+00:00", value))
+    except ValueError as e:
+        raise ApiError(400, "invalid_datetime", f"{name}: {e}") from e
+
+
+@router.get("/v1/requests", tags=["admin"], responses=errors(400, 401, 403, 422, 503))
+def requests(
+    request: Request,
+    key: AdminKey,
+    start: TimeQ = None,
+    end: TimeQ = None,
+    model_version: Annotated[int | None, Query(ge=1)] = None,
+    label: Annotated[str | None, Query(min_length=1)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+):
+    """The request audit trail, newest first (admin keys only)."""
+    since, until = _when(start, "start"), _when(end, "end")
+    try:
+        rows, total = request.app.state.audit.query(
+            since, until, model_version, label, limit, offset
+        )
+    except Exception as e:
+        raise ApiError(503, "audit_unavailable", "the audit database is unreachable") from e
+    return {"total": total, "limit": limit, "offset": offset, "requests": rows}
