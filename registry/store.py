@@ -443,10 +443,10 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
             staged = Path(tmp) / "staged"
             staged.mkdir()
             shutil.copy(local / "model.onnx", staged / "model.onnx")
-            for name in card.get("bundle") or {}:
-                if not (local / "extra_files" / name).is_file():
-                    raise RegistryError(f"{uri} lacks {name}, which its model card bundles")
-                shutil.copy(local / "extra_files" / name, staged / name)
+            for extra in card.get("bundle") or {}:
+                if not (local / "extra_files" / extra).is_file():
+                    raise RegistryError(f"{uri} lacks {extra}, which its model card bundles")
+                shutil.copy(local / "extra_files" / extra, staged / extra)
             (staged / "model_card.json").write_text(json.dumps(card, indent=1))
             got = sha256_file(staged / "model.onnx")
             if got != card["sha256"] or got != sha:
