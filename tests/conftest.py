@@ -150,3 +150,51 @@ def served_module(session_home, tiny_export, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         _isolate(mp, session_home)
         yield make_served(tiny_export, tmp_path_factory.mktemp("served"), "module")
+
+
+@pytest.fixture(scope="session")
+def phantom_localiser(phantom_root, session_home) -> str:
+    """A small nodule localiser trained on the phantom's outlines (MLflow run id)."""
+    from training import localiser
+
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, session_home)
+        return localiser.train_localiser(
+            localiser.LocaliserConfig(
+                annotations=[str(phantom_root / "annotations.csv")],
+                image_size=64,
+                filters=(8, 16, 32, 48),
+                epochs=12,
+                batch_size=16,
+                max_images=160,
+                experiment="tests-localiser",
+            )
+        )
+
+
+@pytest.fixture(scope="session")
+def roi_export(phantom_localiser, phantom_root, session_home, tmp_path_factory) -> Path:
+    """A tiny classifier trained on the localiser's ROI crops, exported with it bundled."""
+    from training import export, tracking
+    from training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("export") / "roi"
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, session_home)
+        run_id = train(
+            TrainConfig(
+                data=str(phantom_root),
+                backbone="tiny",
+                epochs=8,
+                image_size=64,
+                batch_size=16,
+                max_images=200,
+                roi="localiser",
+                localiser=phantom_localiser,
+                roi_margin=0.4,
+                experiment="tests-roi",
+            )
+        )
+        tracking.setup_uri()
+        export.export_run(run_id, out)
+    return out

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from mlflow.tracking import MlflowClient
+from test_train import _cfg as train_cfg
 
 from thyroid_cad import imaging, settings
 from thyroid_cad.files import sha256_file
@@ -19,43 +20,14 @@ from training.data import DataError, scan
 from training.train import TrainConfig, train
 
 
-def _env(mp, home):
-    mp.setenv("THYROID_CAD_HOME", str(home))
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("MLFLOW_REGISTRY_URI", uri)
-
-
 @pytest.fixture(scope="module")
-def localiser_run(phantom_root, session_home) -> str:
-    """A small localiser trained on the phantom's outlines."""
-    with pytest.MonkeyPatch.context() as mp:
-        _env(mp, session_home)
-        return localiser.train_localiser(
-            localiser.LocaliserConfig(
-                annotations=[str(phantom_root / "annotations.csv")],
-                image_size=64,
-                filters=(8, 16, 32, 48),
-                epochs=12,
-                batch_size=16,
-                max_images=160,
-                experiment="tests-localiser",
-            )
-        )
+def localiser_run(phantom_localiser) -> str:
+    return phantom_localiser
 
 
 def _cfg(data, **kw) -> TrainConfig:
-    base = dict(
-        data=str(data),
-        backbone="tiny",
-        strategy="full",
-        epochs=2,
-        image_size=64,
-        batch_size=16,
-        max_images=100,
-        experiment="tests-roi",
-    )
-    return TrainConfig(**{**base, **kw})
+    """test_train's small phantom configuration, shorter."""
+    return train_cfg(data, **{"epochs": 2, "max_images": 100, "experiment": "tests-roi", **kw})
 
 
 def _artifact(run_id, path):
@@ -254,6 +226,10 @@ def test_classifier_with_localiser_bundles_it_through_export_and_registry(
     assert store.cached(f"{name}/{version}").card["roi"]["localiser"]["sha256"] == loc_sha
     shutil.rmtree(resolved.directory)  # a fresh download brings it back too
     assert sha256_file(store.resolve(f"{name}/{version}").directory / "localiser.onnx") == loc_sha
+    store.promote(version, "champion", name)
+    by_alias = store.resolve(f"{name}@champion")
+    assert by_alias.name == name and (by_alias.directory / "localiser.onnx").is_file()
+    assert store.cached(f"{name}@champion").card["bundle"] == card["bundle"]
 
     tampered = tmp_path / "tampered"
     shutil.copytree(out, tampered)
