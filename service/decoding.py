@@ -2,8 +2,8 @@
 
 PNG, JPEG, BMP, TIFF through Pillow; DICOM through pydicom (first frame, VOI LUT,
 MONOCHROME1 inverted). Nothing from a DICOM header leaves this module: the caller
-gets pixels and dimensions only, so no patient-identifying tag can reach a log or
-the audit store.
+gets pixels, dimensions and the ultrasound pixel spacing (for sizes in mm) only, so no
+patient-identifying tag can reach a log or the audit store.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from service.errors import ApiError
-from thyroid_cad import imaging
+from thyroid_cad import imaging, nodule
 
 MIN_SIDE = 16
 _MAGIC = (
@@ -32,6 +32,7 @@ _MAGIC = (
 class Decoded:
     rgb: np.ndarray  # uint8 H x W x 3
     content_type: str  # what the bytes are, not what the client claimed
+    spacing_mm: tuple[float, float] | None = None  # DICOM ultrasound calibration (x, y)
 
 
 def sniff(data: bytes) -> str:
@@ -52,11 +53,15 @@ def decode(data: bytes, max_pixels: int) -> Decoded:
     if not data:
         raise ApiError(400, "empty_file", "the uploaded file is empty")
     kind = sniff(data)
-    rgb = _dicom(data, max_pixels) if kind == "application/dicom" else _pillow(data, max_pixels)
+    spacing = None
+    if kind == "application/dicom":
+        rgb, spacing = _dicom(data, max_pixels)
+    else:
+        rgb = _pillow(data, max_pixels)
     h, w = rgb.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise ApiError(400, "image_too_small", f"image is {w}x{h}; at least {MIN_SIDE} px a side")
-    return Decoded(rgb, kind)
+    return Decoded(rgb, kind, spacing)
 
 
 def _too_large(w: int, h: int, max_pixels: int) -> ApiError:
@@ -101,7 +106,8 @@ def _grey_to_rgb(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
     return np.repeat(g[:, :, None], 3, axis=2)
 
 
-def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
+def _dicom(data: bytes, max_pixels: int) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """(pixels, mm per pixel along x and y from the ultrasound regions, if calibrated)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -123,8 +129,9 @@ def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
         if frames > 1:
             pixels = pixels[0]  # the first frame of a cine loop
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        spacing = nodule.ultrasound_spacing_mm(ds)
         if pixels.ndim == 2:
-            return _grey_to_rgb(pixels, ds, photometric)
+            return _grey_to_rgb(pixels, ds, photometric), spacing
     except ApiError:
         raise
     except (
@@ -148,5 +155,5 @@ def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
         if pixels.dtype != np.uint8:
             pixels = np.clip(pixels, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(pixels)
+        return np.ascontiguousarray(pixels), spacing
     raise ApiError(415, "unsupported_dicom", f"DICOM pixel layout {pixels.shape} not supported")
