@@ -134,6 +134,12 @@ def test_nonsense_boxes_are_refused(roi, message):
         imaging.check_roi(roi, 360, 560)
 
 
+def test_clip_roi():
+    assert imaging.clip_roi((10, 20, 30, 40), 100, 100) == (10, 20, 30, 40)
+    assert imaging.clip_roi((-2, 90, 30, 20), 100, 100) == (0, 90, 28, 10)
+    assert imaging.clip_roi((100, 0, 5, 5), 100, 100) is None
+
+
 def test_parse_roi():
     assert imaging.parse_roi(" 1, 2,3 ,4") == (1, 2, 3, 4)
     for text in ("1,2,3", "1,2,3,4,5", "a,b,c,d", "1.5,2,3,4", ""):

@@ -216,6 +216,14 @@ def check_roi(roi, height: int, width: int) -> Box:
     return x, y, w, h
 
 
+def clip_roi(roi: Box, height: int, width: int) -> Box | None:
+    """The part of a box inside a height x width frame (None if nothing is): annotation
+    outlines may touch or cross the frame's edge by a pixel."""
+    x, y, w, h = roi
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
+    return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
+
+
 def roi_square(roi: Box, margin: float, region: tuple[int, int, int, int]) -> tuple[int, int, int]:
     """(top, left, side) of the square crop around `roi` within `region` (t, l, b, r).
 

@@ -234,8 +234,9 @@ def plan(
             size = infos[i].size
             ann = anns[i]
             box = ann.roi(size[1], size[0]) if ann and size else None
+            box = imaging.clip_roi(box, size[1], size[0]) if box else None
             if box is not None:
-                boxes[i], sources[i] = imaging.check_roi(box, size[1], size[0]), "annotation"
+                boxes[i], sources[i] = box, "annotation"
     missing = [i for i in used if i not in boxes]
     localiser = resolve_localiser(cfg.localiser) if cfg.localiser else None
     if missing and localiser is None:
