@@ -72,6 +72,12 @@ def _options(ctx: typer.Context, config: Path | None) -> dict:
     return {**values, **{k: v for k, v in from_file.items() if k not in given}}
 
 
+class Roi(StrEnum):
+    off = "off"
+    annotations = "annotations"
+    localiser = "localiser"
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -137,6 +143,29 @@ def train(
     ] = None,
     via_max_images: Annotated[
         int | None, typer.Option(help="Subsample of the intermediate dataset.")
+    ] = None,
+    roi: Annotated[
+        Roi,
+        typer.Option(
+            help="Nodule-centred input: off (whole frame), annotations (annotated box, the "
+            "localiser's for the rest) or localiser (its box everywhere)."
+        ),
+    ] = Roi.off,
+    roi_margin: Annotated[
+        float, typer.Option(help="Context around the ROI per side, fraction of its longer side.")
+    ] = 0.3,
+    roi_jitter: Annotated[
+        float, typer.Option(help="Random shift/scale of training boxes, fraction of their side.")
+    ] = 0.0,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(
+            help="Annotation CSV (default: annotations.csv / ddti-annotations.csv in ROOT)."
+        ),
+    ] = None,
+    localiser: Annotated[
+        str | None,
+        typer.Option(help="Localiser: its MLflow run id, export folder or localiser.onnx."),
     ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
     config: Annotated[

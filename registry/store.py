@@ -79,7 +79,20 @@ def read_export(directory: Path) -> tuple[Path, dict]:
             raise RegistryError(f"model card {card_path} lacks '{key}'")
     if sha256_file(onnx_path) != card["sha256"]:
         raise RegistryError(f"{onnx_path} does not match the SHA-256 in its model card")
+    _check_bundle(directory, card)
     return onnx_path, card
+
+
+def _check_bundle(directory: Path, card: dict) -> None:
+    """Files the card bundles beside model.onnx (e.g. the ROI localiser): present, intact."""
+    for name, sha in (card.get("bundle") or {}).items():
+        path = directory / name
+        if Path(name).name != name or name in ("model.onnx", "model_card.json"):
+            raise RegistryError(f"model card bundles an invalid file name {name!r}")
+        if not path.is_file():
+            raise RegistryError(f"{directory} lacks {name}, which its model card bundles")
+        if sha256_file(path) != sha:
+            raise RegistryError(f"{path} does not match the SHA-256 its model card gives")
 
 
 def _signature(card: dict, heatmap_shape):
@@ -118,9 +131,15 @@ def register(directory: Path, name: str = DEFAULT_NAME) -> int:
     c = client()
     source = card.get("source_run_id")
     try:
-        run_kwargs = {"run_id": c.get_run(source).info.run_id} if source else None
+        run = c.get_run(source) if source else None
     except MlflowException:
-        run_kwargs = None
+        run = None
+    run_kwargs = None
+    if run is not None:
+        # start_run(run_id=...) refuses a run outside the process's active experiment
+        # (set by whatever ran before in this process): make the run's own one active.
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
+        run_kwargs = {"run_id": run.info.run_id}
     if run_kwargs is None:
         experiment = mlflow.set_experiment("thyroid-cad-registry")
         run_kwargs = {"experiment_id": experiment.experiment_id, "run_name": f"register-{name}"}
@@ -136,6 +155,8 @@ def register(directory: Path, name: str = DEFAULT_NAME) -> int:
             pip_requirements=["onnxruntime>=1.20", "numpy"],
             save_as_external_data=False,
             metadata={"model_card": card},
+            # logged under extra_files/ in the model; resolve() puts them back beside it
+            extra_files=[str(Path(directory) / n) for n in card.get("bundle") or {}] or None,
         )
         mlflow.log_dict(card, "model_card.json")
     version = mlflow.register_model(info.model_uri, name)
@@ -415,6 +436,11 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
     sha = (mv.tags or {}).get("sha256", "")
     target = cache_root() / name / f"{mv.version}-{sha[:12]}"
     hit = (target / "model.onnx").is_file() and sha256_file(target / "model.onnx") == sha
+    if hit:
+        try:
+            _check_bundle(target, json.loads((target / "model_card.json").read_text()))
+        except (RegistryError, OSError, ValueError):
+            hit = False
     if not hit:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -429,10 +455,15 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
             staged = Path(tmp) / "staged"
             staged.mkdir()
             shutil.copy(local / "model.onnx", staged / "model.onnx")
+            for extra in card.get("bundle") or {}:
+                if not (local / "extra_files" / extra).is_file():
+                    raise RegistryError(f"{uri} lacks {extra}, which its model card bundles")
+                shutil.copy(local / "extra_files" / extra, staged / extra)
             (staged / "model_card.json").write_text(json.dumps(card, indent=1))
             got = sha256_file(staged / "model.onnx")
             if got != card["sha256"] or got != sha:
                 raise RegistryError(f"{uri}: downloaded file's SHA-256 {got[:12]} does not match")
+            _check_bundle(staged, card)
             if target.exists():
                 shutil.rmtree(target)
             staged.rename(target)  # atomic within one filesystem: readers never see half a model
@@ -451,7 +482,7 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for f in ("model.onnx", "model_card.json"):
+        for f in ("model.onnx", "model_card.json", *(card.get("bundle") or {})):
             shutil.copy(target / f, out_dir / f)
     return result
 
@@ -485,5 +516,9 @@ def cached(uri: str) -> Resolved | None:
         return None
     card = json.loads((target / "model_card.json").read_text())
     if sha256_file(target / "model.onnx") != card["sha256"]:
+        return None
+    try:
+        _check_bundle(target, card)
+    except RegistryError:
         return None
     return Resolved(name, int(version), alias, target / "model.onnx", card, cached=True)

@@ -169,7 +169,7 @@ class Scorer:
             if data is None:
                 data = _read(path)
             row.update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
-            prepared = inference.prepare(data, self.model.input_size, self.max_pixels)
+            prepared = inference.prepare(data, self.model.input_size, self.max_pixels, self.model)
             row.update(
                 content_type=prepared.content_type,
                 height=int(prepared.rgb.shape[0]),

@@ -4,9 +4,9 @@ PNG, JPEG, BMP, TIFF through Pillow (upright RGB and grey JPEGs through simplejp
 the same libjpeg-turbo pixels in about half the time); DICOM through pydicom (see
 _dicom: one frame, compressed transfer syntaxes, VOI LUT, MONOCHROME1 inverted, YBR
 and palette colour to RGB, cropped to the ultrasound image region). Nothing from a
-DICOM header leaves this module: the caller gets pixels, dimensions, the frame number
-and the crop offset only, so no patient-identifying tag can reach a log or the audit
-store.
+DICOM header leaves this module: the caller gets pixels, dimensions, the frame number,
+the crop offset and the ultrasound pixel spacing (for sizes in mm) only, so no
+patient-identifying tag can reach a log or the audit store.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import simplejpeg
 from PIL import Image
 
 from service.errors import ApiError
-from thyroid_cad import imaging
+from thyroid_cad import imaging, nodule
 
 MIN_SIDE = 16
 _MAGIC = (
@@ -40,6 +40,7 @@ class Decoded:
     # starts in that frame (row, column): non-zero when cropped to the ultrasound region.
     frame: int | None = None
     origin: tuple[int, int] = (0, 0)
+    spacing_mm: tuple[float, float] | None = None  # DICOM ultrasound calibration (x, y)
 
 
 def sniff(data: bytes) -> str:
@@ -239,6 +240,7 @@ def _dicom(data: bytes, max_pixels: int, frame: int | None) -> Decoded:
             raise _no_such_frame(number, frames)
         pixels = pixel_array(ds, index=number - 1)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        spacing = nodule.ultrasound_spacing_mm(ds)
         if pixels.ndim == 2 and photometric == "PALETTE COLOR":
             pixels = apply_color_lut(pixels, ds)
         if pixels.ndim == 2:
@@ -275,4 +277,4 @@ def _dicom(data: bytes, max_pixels: int, frame: int | None) -> Decoded:
         top, left, bottom, right = region
         rgb = np.ascontiguousarray(rgb[top:bottom, left:right])
     origin = (0, 0) if region is None else (region[0], region[1])
-    return Decoded(rgb, "application/dicom", number if frames > 1 else None, origin)
+    return Decoded(rgb, "application/dicom", number if frames > 1 else None, origin, spacing)

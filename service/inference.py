@@ -12,9 +12,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from service import decoding
+from service.errors import ApiError
 from service.models import LoadedModel
-from service.schemas import ModelOut, PredictionOut
-from thyroid_cad import imaging
+from service.schemas import ModelOut, PredictionOut, RoiOut, ShapeOut
+from thyroid_cad import imaging, nodule
+
+
+@dataclass(frozen=True)
+class Located:
+    """The region of interest a ROI model classified, and the nodule's shape."""
+
+    roi: RoiOut
+    shape: ShapeOut | None
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,7 @@ class Prepared:
     prepare_s: float
     frame: int | None = None  # the multi-frame DICOM frame used (1-based)
     origin: tuple[int, int] = (0, 0)  # (row, col) of `rgb` in that frame (DICOM region crop)
+    located: Located | None = None  # ROI models only
 
 
 @dataclass(frozen=True)
@@ -42,15 +52,82 @@ class Scored:
     batch_size: int
 
 
-def prepare(data: bytes, size: int, max_pixels: int, frame: int | None = None) -> Prepared:
+def parse_roi(text: str | None) -> imaging.Box | None:
+    """`x,y,w,h` from a request (None: not given), or ApiError 400 `invalid_roi`."""
+    if text is None:
+        return None
+    try:
+        return imaging.parse_roi(text)
+    except imaging.RoiError as e:
+        raise ApiError(400, "invalid_roi", str(e)) from e
+
+
+def locate(
+    model: LoadedModel, decoded: decoding.Decoded, roi: imaging.Box | None
+) -> Located | None:
+    """The box a ROI model classifies: the user's, else its localiser's proposal.
+
+    None for whole-frame models (which refuse a box). The shape comes from the
+    localiser's outline of the nodule (inside the user's box when there is one).
+
+    Raises:
+        ApiError: 400 for a box outside the image or of zero size, a box sent to a
+            whole-frame model, or no box for a ROI model without a localiser.
+    """
+    if not model.roi:
+        if roi is not None:
+            raise ApiError(
+                400,
+                "roi_not_supported",
+                f"{model.name} v{model.version} classifies whole frames and takes no roi",
+            )
+        return None
+    height, width = decoded.rgb.shape[:2]
+    if roi is not None:
+        try:
+            roi = imaging.check_roi(roi, height, width)
+        except imaging.RoiError as e:
+            raise ApiError(400, "invalid_roi", str(e)) from e
+    proposal = model.localise(decoded.rgb, within=roi) if model.localiser is not None else None
+    shape = None
+    if proposal is not None and proposal.box is not None:
+        measures = nodule.shape(proposal.mask, decoded.spacing_mm)
+        shape = ShapeOut(**measures, score=round(proposal.score, 4))
+    if roi is not None:
+        return Located(RoiOut.of(roi, "user"), shape)
+    if proposal is None:
+        raise ApiError(
+            400,
+            "roi_required",
+            f"{model.name} v{model.version} classifies a nodule box and bundles no localiser "
+            "to propose one: give roi=x,y,w,h",
+        )
+    if proposal.box is None:  # nothing found: the whole frame, as in training
+        return Located(RoiOut(source="none"), None)
+    return Located(RoiOut.of(proposal.box, "localiser"), shape)
+
+
+def prepare(
+    data: bytes,
+    size: int,
+    max_pixels: int,
+    model: LoadedModel | None = None,
+    roi: imaging.Box | None = None,
+    frame: int | None = None,
+) -> Prepared:
     """Decode (ApiError 4xx on bad bytes) and make the S x S model input.
 
-    `frame`: which frame of a multi-frame DICOM (1-based; default the first).
+    Pass the model: a ROI model's input is the square around the nodule box (`roi`, or
+    its localiser's), with the margin of its card. `frame`: which frame of a multi-frame
+    DICOM (1-based; default the first).
     """
     t0 = time.perf_counter()
     decoded = decoding.decode(data, max_pixels, frame)
     t1 = time.perf_counter()
-    square, geometry = imaging.prepare_with_geometry(decoded.rgb, size)
+    located = locate(model, decoded, roi) if model is not None else None
+    box = None if located is None or located.roi.source == "none" else located.roi.box
+    margin = float(model.roi["margin"]) if box is not None else imaging.ROI_MARGIN
+    square, geometry = imaging.prepare_input(decoded.rgb, size, box, margin)
     t2 = time.perf_counter()
     return Prepared(
         decoded.rgb,
@@ -61,6 +138,7 @@ def prepare(data: bytes, size: int, max_pixels: int, frame: int | None = None) -
         t2 - t1,
         decoded.frame,
         decoded.origin,
+        located,
     )
 
 
@@ -112,7 +190,11 @@ def score(model: LoadedModel, prepared: Prepared) -> Scored:
 
 
 def score_bytes(
-    model: LoadedModel, data: bytes, max_pixels: int, frame: int | None = None
+    model: LoadedModel,
+    data: bytes,
+    max_pixels: int,
+    frame: int | None = None,
+    roi: imaging.Box | None = None,
 ) -> Scored:
     """Decode, prepare and score one encoded image (PNG, JPEG, BMP, TIFF, DICOM)."""
-    return score(model, prepare(data, model.input_size, max_pixels, frame))
+    return score(model, prepare(data, model.input_size, max_pixels, model, roi, frame))

@@ -24,6 +24,7 @@ import onnxruntime as ort
 from registry import store
 from service.batching import Batcher, BatchPolicy, Overloaded, Result
 from service.errors import ApiError
+from thyroid_cad import imaging, nodule
 from thyroid_cad.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,26 @@ class LoadedModel:
     from_cache: bool
     io_binding: bool = False
     batcher: Batcher | None = field(default=None, repr=False, compare=False)
+    # The nodule localiser bundled with a model trained on ROI crops (card `roi.localiser`).
+    localiser: ort.InferenceSession | None = field(default=None, repr=False, compare=False)
 
     @property
     def input_size(self) -> int:
         return int(self.card["input_size"])
+
+    @property
+    def roi(self) -> dict | None:
+        """The card's ROI settings (margin, localiser) for ROI models; None otherwise."""
+        return self.card.get("roi") or None
+
+    def localise(self, rgb: np.ndarray, within: imaging.Box | None = None) -> nodule.Proposal:
+        """The bundled localiser's nodule on a frame (inside `within` when given)."""
+        info = self.roi["localiser"]
+        square, geometry = imaging.prepare_input(rgb, int(info["input_size"]))
+        (mask,) = self.localiser.run(["mask"], {"image": square[None]})
+        return nodule.propose(
+            mask[0], geometry, float(info.get("threshold", nodule.MASK_THRESHOLD)), within
+        )
 
     @property
     def has_heatmap(self) -> bool:
@@ -188,6 +205,7 @@ def load(resolved: store.Resolved, runtime: Runtime, on_event=None) -> LoadedMod
     used = session.get_providers()
     _report_providers(runtime.providers, used)
     on_cuda = used[0] == "CUDAExecutionProvider"
+    localiser = _load_localiser(resolved, runtime)
     model = LoadedModel(
         name=resolved.name,
         version=resolved.version,
@@ -198,6 +216,7 @@ def load(resolved: store.Resolved, runtime: Runtime, on_event=None) -> LoadedMod
         loaded_at=datetime.now(UTC).isoformat(timespec="seconds"),
         from_cache=resolved.cached,
         io_binding=runtime.io_binding == "on" or (runtime.io_binding == "auto" and on_cuda),
+        localiser=localiser,
     )
     size = model.input_size
     try:
@@ -224,6 +243,32 @@ def load(resolved: store.Resolved, runtime: Runtime, on_event=None) -> LoadedMod
         policy.max_queue_size,
     )
     return model
+
+
+def _load_localiser(resolved: store.Resolved, runtime: Runtime) -> ort.InferenceSession | None:
+    """The localiser bundled beside an ROI model, checked and warmed up (None if none).
+
+    Raises:
+        ValueError: the card names a localiser that is missing, altered or broken.
+    """
+    info = (resolved.card.get("roi") or {}).get("localiser")
+    if not info:
+        return None
+    where = f"{resolved.name} v{resolved.version}"
+    path = resolved.directory / info["file"]
+    if not path.is_file() or sha256_file(path) != info["sha256"]:
+        raise ValueError(f"{where}: its bundled localiser {info['file']} is missing or altered")
+    try:
+        session = ort.InferenceSession(
+            str(path), runtime.session_options(), providers=list(runtime.providers)
+        )
+        size = int(info["input_size"])
+        (mask,) = session.run(["mask"], {"image": np.zeros((1, size, size, 3), np.uint8)})
+    except Exception as e:  # onnxruntime's own error classes
+        raise ValueError(f"{where}: its bundled localiser does not run: {e}") from e
+    if mask.shape != (1, size, size):
+        raise ValueError(f"{where}: its bundled localiser's output is malformed")
+    return session
 
 
 class ModelManager:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 # The largest model version, audit offset or model_version filter accepted: the SQL
@@ -55,6 +57,49 @@ class HeatmapOut(BaseModel):
     model_config = {"populate_by_name": True}
 
 
+class RoiOut(BaseModel):
+    """The region of interest the model classified, in the uploaded image's pixels."""
+
+    x: int | None = None
+    y: int | None = None
+    w: int | None = None
+    h: int | None = None
+    source: Literal["user", "localiser", "none"] = Field(
+        description="user: the box sent; localiser: proposed by the model's bundled "
+        "localiser; none: it found no nodule and the whole frame was classified."
+    )
+
+    @classmethod
+    def of(cls, box: tuple[int, int, int, int], source: str) -> RoiOut:
+        x, y, w, h = box
+        return cls(x=x, y=y, w=w, h=h, source=source)
+
+    @property
+    def box(self) -> tuple[int, int, int, int] | None:
+        return None if self.x is None else (self.x, self.y, self.w, self.h)
+
+
+class ShapeOut(BaseModel):
+    """The nodule's shape from the localiser's outline: a model estimate, not a measurement
+    by a clinician."""
+
+    width_px: int = Field(description="Extent across the beam (columns).")
+    depth_px: int = Field(description="Extent along the beam (rows).")
+    area_px: int
+    taller_than_wide_ratio: float = Field(
+        description="depth / width (physical lengths when spacing_mm is known); ACR TI-RADS "
+        "counts taller-than-wide (> 1 on a transverse image) as a malignancy sign."
+    )
+    taller_than_wide: bool
+    width_mm: float | None = None
+    depth_mm: float | None = None
+    area_mm2: float | None = None
+    spacing_mm: list[float] | None = Field(
+        None, description="mm per pixel (x, y) from DICOM ultrasound regions, when known."
+    )
+    score: float = Field(description="Highest localiser probability inside the outline.")
+
+
 class TimingsOut(BaseModel):
     decode_ms: float
     preprocess_ms: float
@@ -69,6 +114,10 @@ class PredictResponse(BaseModel):
     model: ModelOut
     prediction: PredictionOut
     heatmap: HeatmapOut | None
+    roi: RoiOut | None = Field(
+        None, description="What was classified, for models trained on ROI crops; else null."
+    )
+    shape: ShapeOut | None = Field(None, description="Nodule shape (ROI models with a localiser).")
     timings: TimingsOut
     disclaimer: str
 

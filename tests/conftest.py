@@ -207,3 +207,51 @@ def running_server(app, ready_path: str = "/v2/health/ready"):
         thread.join(timeout=15)
         sock.close()
     assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture(scope="session")
+def phantom_localiser(phantom_root, session_home) -> str:
+    """A small nodule localiser trained on the phantom's outlines (MLflow run id)."""
+    from training import localiser
+
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, session_home)
+        return localiser.train_localiser(
+            localiser.LocaliserConfig(
+                annotations=[str(phantom_root / "annotations.csv")],
+                image_size=64,
+                filters=(8, 16, 32, 48),
+                epochs=12,
+                batch_size=16,
+                max_images=160,
+                experiment="tests-localiser",
+            )
+        )
+
+
+@pytest.fixture(scope="session")
+def roi_export(phantom_localiser, phantom_root, session_home, tmp_path_factory) -> Path:
+    """A tiny classifier trained on the localiser's ROI crops, exported with it bundled."""
+    from training import export, tracking
+    from training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("export") / "roi"
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, session_home)
+        run_id = train(
+            TrainConfig(
+                data=str(phantom_root),
+                backbone="tiny",
+                epochs=8,
+                image_size=64,
+                batch_size=16,
+                max_images=200,
+                roi="localiser",
+                localiser=phantom_localiser,
+                roi_margin=0.4,
+                experiment="tests-roi",
+            )
+        )
+        tracking.setup_uri()
+        export.export_run(run_id, out)
+    return out

@@ -43,7 +43,9 @@ def test_layout_and_counts(tmp_path: Path, classes: int, names: tuple[str, ...])
     counts = generate(out, per_class=5, classes=classes, seed=3, size=SIZE)
 
     assert counts == {name: 5 for name in names}
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "README.txt", "manifest.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*names, "README.txt", "manifest.csv", "annotations.csv"]
+    )
     for name in names:
         files = sorted(p.name for p in (out / name).iterdir())
         assert files == [f"{name}_{i:04d}.png" for i in range(5)]

@@ -4,6 +4,10 @@ This is the one module both sides run, so a frame is prepared the same way when 
 model is trained and when it is served. Only numpy, Pillow and scipy: no TensorFlow.
 Intensity normalization is not done here; it lives inside the model graph, which
 takes raw 0-255 pixels.
+
+Two ways to make a model's square input, both through `prepare_input`: the whole
+frame (crop to the ultrasound content, letterbox), or a nodule-centred square around
+a region of interest (ROI) with a context margin, for models trained on ROI crops.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from scipy import ndimage
 # Bumped whenever prepare() changes output for the same input; recorded with every
 # run and model card so a served model is fed exactly what it was trained on.
 PREPROCESSING_VERSION = "1"
+
+Box = tuple[int, int, int, int]  # x, y, width, height in the frame's own pixels
+
+# Context kept around an ROI on each side, as a fraction of the box's longer side.
+ROI_MARGIN = 0.3
+# Bumped whenever the ROI crop changes output for the same frame, box and margin.
+ROI_PREPROCESSING_VERSION = "1"
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
@@ -194,6 +205,144 @@ def to_original(square_map: np.ndarray, geometry: Geometry) -> np.ndarray:
     return out
 
 
-def load_prepared(source: str | Path | bytes, size: int) -> np.ndarray:
+def load_prepared(
+    source: str | Path | bytes, size: int, roi: Box | None = None, margin: float = ROI_MARGIN
+) -> np.ndarray:
     """Decode, convert to RGB and prepare one image for a model of input size `size`."""
-    return prepare(to_rgb_array(open_image(source)), size)
+    return prepare_input(to_rgb_array(open_image(source)), size, roi, margin)[0]
+
+
+# --------------------------------------------------------------------------- #
+# Nodule-centred input (region of interest)
+# --------------------------------------------------------------------------- #
+class RoiError(ValueError):
+    """An ROI box that cannot be used on this frame; the message says why."""
+
+
+def parse_roi(text: str) -> Box:
+    """'x,y,w,h' (four integers, the frame's pixels) -> a box; RoiError otherwise."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 4:
+        raise RoiError(f"roi must be four integers x,y,w,h; got {text!r}")
+    try:
+        x, y, w, h = (int(p) for p in parts)
+    except ValueError:
+        raise RoiError(f"roi must be four integers x,y,w,h; got {text!r}") from None
+    return x, y, w, h
+
+
+def check_roi(roi, height: int, width: int) -> Box:
+    """A box of four integers with positive size, inside a height x width frame.
+
+    Raises:
+        RoiError: not four integers, zero or negative size, or not inside the frame.
+    """
+    try:
+        values = [v for v in roi]
+    except TypeError:
+        raise RoiError(f"roi must be four integers x,y,w,h; got {roi!r}") from None
+    ok = len(values) == 4 and all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values
+    )
+    if not ok:
+        raise RoiError(f"roi must be four integers x,y,w,h; got {roi!r}")
+    x, y, w, h = (int(v) for v in values)
+    if w < 1 or h < 1:
+        raise RoiError(f"roi must have a positive width and height; got w={w}, h={h}")
+    if x < 0 or y < 0 or x + w > width or y + h > height:
+        raise RoiError(f"roi x={x}, y={y}, w={w}, h={h} is not inside the {width}x{height} image")
+    return x, y, w, h
+
+
+def clip_roi(roi: Box, height: int, width: int) -> Box | None:
+    """The part of a box inside a height x width frame (None if nothing is): annotation
+    outlines may touch or cross the frame's edge by a pixel."""
+    x, y, w, h = roi
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + w), min(height, y + h)
+    return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
+
+
+def roi_square(roi: Box, margin: float, region: tuple[int, int, int, int]) -> tuple[int, int, int]:
+    """(top, left, side) of the square crop around `roi` within `region` (t, l, b, r).
+
+    The side is max(w, h) * (1 + 2 * margin). The square is centred on the box, then
+    shifted to stay inside the region where it fits; where it is larger than the
+    region it covers all of it, centred on the box as far as that allows. The part
+    of the square outside the region is black.
+    """
+    if margin < 0:
+        raise RoiError(f"roi margin must be >= 0, got {margin}")
+    x, y, w, h = roi
+    side = max(1, round(max(w, h) * (1 + 2 * margin)))
+
+    def start(centre: float, lo: int, hi: int) -> int:
+        free = (hi - lo) - side  # negative when the square is larger than the region
+        return int(np.clip(round(centre - side / 2), lo + min(0, free), lo + max(0, free)))
+
+    top, left, bottom, right = region
+    return start(y + h / 2, top, bottom), start(x + w / 2, left, right), side
+
+
+def _paste(rgb: np.ndarray, box: tuple, placed: tuple, size: int) -> np.ndarray:
+    """rgb[box] (t, l, b, r) resized into placed (t, l, h, w) of a black size x size."""
+    top, left, bottom, right = box
+    pt, pl, ph, pw = placed
+    resized = Image.fromarray(np.ascontiguousarray(rgb[top:bottom, left:right])).resize(
+        (pw, ph), Image.Resampling.BILINEAR, reducing_gap=2.0
+    )
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    out[pt : pt + ph, pl : pl + pw] = np.asarray(resized)
+    return out
+
+
+def prepare_roi(
+    rgb: np.ndarray, size: int, roi: Box, margin: float = ROI_MARGIN
+) -> tuple[np.ndarray, Geometry]:
+    """The square around an ROI with context, resized to size x size, and its geometry.
+
+    Only the ultrasound content (content_box, widened to hold the ROI) can reach the
+    square: the scanner's frame, rulers and burned-in text beside the image area, the
+    frame's size and aspect ratio all stay outside.
+    """
+    if size < 8:
+        raise ValueError(f"image size must be at least 8 pixels, got {size}")
+    height, width = rgb.shape[:2]
+    x, y, w, h = check_roi(roi, height, width)
+    top, left, bottom, right = content_box(rgb)
+    region = (min(top, y), min(left, x), max(bottom, y + h), max(right, x + w))
+    s_top, s_left, side = roi_square((x, y, w, h), margin, region)
+    # The part of the frame the square shows, and where it lands in the square.
+    vt, vl = max(s_top, region[0]), max(s_left, region[1])
+    vb, vr = min(s_top + side, region[2]), min(s_left + side, region[3])
+    scale = size / side
+    pt, pl = round((vt - s_top) * scale), round((vl - s_left) * scale)
+    ph = max(1, min(size - pt, round((vb - vt) * scale)))
+    pw = max(1, min(size - pl, round((vr - vl) * scale)))
+    box = (vt, vl, vb, vr)
+    placed = (pt, pl, ph, pw)
+    return _paste(rgb, box, placed, size), Geometry(height, width, box, placed, size)
+
+
+def prepare_input(
+    rgb: np.ndarray, size: int, roi: Box | None = None, margin: float = ROI_MARGIN
+) -> tuple[np.ndarray, Geometry]:
+    """THE model input, as training, export parity and serving all make it.
+
+    Without an ROI: prepare_with_geometry (crop to content, letterbox). With one: the
+    nodule-centred square of prepare_roi. Either way the geometry maps a map over the
+    square back onto the frame (to_original).
+    """
+    if roi is None:
+        return prepare_with_geometry(rgb, size)
+    return prepare_roi(rgb, size, roi, margin)
+
+
+def to_square(frame_map: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """A float map over the frame -> the same map over the model's square (to_original's
+    inverse): what a per-pixel target such as a nodule mask becomes."""
+    top, left, bottom, right = geometry.box
+    pt, pl, ph, pw = geometry.placed
+    part = Image.fromarray(frame_map[top:bottom, left:right].astype(np.float32), mode="F")
+    out = np.zeros((geometry.size, geometry.size), dtype=np.float32)
+    out[pt : pt + ph, pl : pl + pw] = np.asarray(part.resize((pw, ph), Image.Resampling.BILINEAR))
+    return out

@@ -17,7 +17,7 @@ import yaml
 from training.train import TrainConfig
 
 TRAIN_EXTRA_KEYS = ("progressive_via", "via_epochs", "via_max_images")
-PATH_KEYS = ("data", "manifest", "progressive_via")
+PATH_KEYS = ("data", "manifest", "progressive_via", "annotations")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
@@ -46,6 +46,8 @@ def resolve_paths(raw: dict, base: Path) -> dict:
         if out.get(key) is not None:
             p = Path(str(out[key])).expanduser()
             out[key] = str(p if p.is_absolute() else (base / p).resolve())
+    if out.get("localiser") and (base / str(out["localiser"])).exists():  # else a run id
+        out["localiser"] = str((base / str(out["localiser"])).resolve())
     if out.get("weights") not in (None, "none", "imagenet"):
         p = Path(str(out["weights"])).expanduser()
         out["weights"] = str(p if p.is_absolute() else (base / p).resolve())

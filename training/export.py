@@ -30,7 +30,7 @@ from PIL import Image
 
 from thyroid_cad import imaging
 from thyroid_cad.files import sha256_file
-from training import models, sources
+from training import models, roi, sources
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,11 @@ def _parity_images(params: dict, size: int, n: int = PARITY_IMAGES) -> tuple[np.
         split = json.loads(Path(split_path).read_text())
         val = sorted(rel for rel, side in split["assignment"].items() if side == "val")[:n]
         if val:
-            images = np.stack([imaging.load_prepared(run_data / rel, size) for rel in val])
+            # ROI models: the same crops training made (rois.json), through the same function
+            crop = roi.read_rois(params.get("_rois_path"))
+            images = np.stack(
+                [imaging.load_prepared(run_data / rel, size, *crop(rel)) for rel in val]
+            )
             return images, f"{len(val)} validation images of split {split['split_id']}"
     from training import phantom
 
@@ -387,6 +391,7 @@ def export_run(run_id: str, out_dir: Path) -> dict:
             )
         except Exception as e:
             raise ValueError(f"run {source} has no trained model to export: {e}") from e
+        rois_path = roi.download_rois(source, tmp)
         info = json.loads((local / "info.json").read_text())
         model = models.load(local / "model.keras")
         classifier = None
@@ -394,13 +399,16 @@ def export_run(run_id: str, out_dir: Path) -> dict:
             with open(local / "classifier.pkl", "rb") as f:
                 classifier = pickle.load(f)  # our own artifact, written by training.train
         images, where = _parity_images(
-            {**run.data.params, "_split_path": split_path}, int(info["image_size"])
+            {**run.data.params, "_split_path": split_path, "_rois_path": rois_path},
+            int(info["image_size"]),
         )
         extra = {
             "source_run_id": source,
             "metrics": _metrics_with_cis(run.data.metrics),
             "source_robustness": sources.card_block(run.data.metrics),
         }
+        if info.get("roi"):
+            extra.update(roi.export_bundle(info["roi"], local, Path(out_dir)))
         if "test_shortcut_auc" in run.data.metrics:
             extra["shortcut_auc"] = run.data.metrics["test_shortcut_auc"]
         card = export_model(model, info, out_dir, images, where, classifier, extra)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from PIL import Image
 from scipy import ndimage
 
 __all__ = [
+    "ANNOTATIONS",
     "CLASS_NAMES_2",
     "CLASS_NAMES_3",
     "README_FIRST_LINE",
@@ -51,6 +53,10 @@ __all__ = [
 
 CLASS_NAMES_2 = ("benign", "malignant")
 CLASS_NAMES_3 = ("normal", "benign", "malignant")
+
+#: Nodule boxes and outlines, in the columns of thyroid-seed's ddti-annotations.csv.
+ANNOTATIONS = "annotations.csv"
+ANNOTATION_COLUMNS = ("image", "case_id", "nodule_box_xywh", "nodule_polygons")
 
 #: First line of ``README.txt``; it is how a previous phantom directory is recognised.
 README_FIRST_LINE = "SYNTHETIC THYROID ULTRASOUND PHANTOM - thyroid-cad demo-data"
@@ -109,13 +115,16 @@ class Frame:
     ``nodule_mask`` is a boolean ``size x size`` array (all False for ``normal``);
     ``fov_mask`` marks the imaged field of view; ``features`` is a small dict of
     the TI-RADS-like features that were drawn (``kind``, ``taller_than_wide``,
-    ``echogenic_foci``, ``posterior``, ``spiculated``).
+    ``echogenic_foci``, ``posterior``, ``spiculated``); ``outline`` is the nodule's
+    margin as a closed polygon of ``[x, y]`` pixel points (empty for ``normal``), as a
+    radiologist's outline in DDTI's annotations.
     """
 
     image: np.ndarray
     nodule_mask: np.ndarray
     fov_mask: np.ndarray
     features: dict = field(default_factory=dict)
+    outline: list = field(default_factory=list)
 
 
 def _check_label(label: str) -> None:
@@ -341,6 +350,26 @@ def _nodule_maps(nod: _Nodule, s: int, dx: float, dy: float):
     return memb, halo, (cx, cy, ax, ay, c, sn)
 
 
+def _outline(nod: _Nodule, s: int, dx: float, dy: float, points: int = 96) -> list:
+    """The nodule's margin (where _nodule_maps' membership crosses 0.5) as integer
+    [x, y] points, clipped to the frame."""
+    cx, cy = nod.cx * s + dx, nod.cy * s + dy
+    ax, ay = nod.ax * s, nod.ay * s
+    c, sn = float(np.cos(nod.angle)), float(np.sin(nod.angle))
+    theta = np.linspace(0.0, 2 * np.pi, points, endpoint=False)
+    bound = np.ones_like(theta)
+    for k, amp, ph in nod.harmonics:
+        bound += amp * np.cos(k * theta + ph)
+    if nod.spicules is not None:
+        n, amp, ph = nod.spicules
+        bound += amp * np.maximum(np.cos(n * theta + ph), 0.0) ** 6
+    # theta is the angle in the nodule's normalised (u / ax, v / ay) coordinates
+    u, v = bound * np.cos(theta) * ax, bound * np.sin(theta) * ay
+    x = np.clip(np.rint(cx + u * c - v * sn), 0, s - 1)
+    y = np.clip(np.rint(cy + u * sn + v * c), 0, s - 1)
+    return [[int(a), int(b)] for a, b in zip(x, y, strict=True)]
+
+
 def _posterior(inside: np.ndarray, factor: float, s: int) -> np.ndarray | float:
     """Multiplicative map that enhances (>1) / shadows (<1) the region below ``inside``."""
     if factor == 1.0 or not inside.any():
@@ -433,8 +462,10 @@ def _render(case: _Case, rng: np.random.Generator, s: int, shift: tuple[float, f
     # ---- nodule --------------------------------------------------------------
     nodule_mask = np.zeros((s, s), dtype=bool)
     features: dict = {"kind": "none"}
+    outline: list = []
     nod = case.nodule
     if nod is not None:
+        outline = _outline(nod, s, dx, dy)
         memb, halo, (ncx, ncy, nax, nay, c, sn) = _nodule_maps(nod, s, dx, dy)
         if nod.halo > 0:
             echo = _blend(echo, halo, 0.3)
@@ -492,6 +523,7 @@ def _render(case: _Case, rng: np.random.Generator, s: int, shift: tuple[float, f
         nodule_mask=nodule_mask & fov,
         fov_mask=fov,
         features=features,
+        outline=outline,
     )
 
 
@@ -564,7 +596,7 @@ def _is_previous_phantom(out: Path) -> bool:
             if len(rel) == 1 and rel[0] in _LABEL_CODE:
                 continue
             return False
-        if len(rel) == 1 and rel[0] in ("README.txt", "manifest.csv"):
+        if len(rel) == 1 and rel[0] in ("README.txt", "manifest.csv", ANNOTATIONS):
             continue
         if (
             len(rel) == 2
@@ -578,7 +610,7 @@ def _is_previous_phantom(out: Path) -> bool:
 
 
 def _clear_previous_phantom(out: Path) -> None:
-    for name in ("README.txt", "manifest.csv"):
+    for name in ("README.txt", "manifest.csv", ANNOTATIONS):
         (out / name).unlink(missing_ok=True)
     for label in _LABEL_CODE:
         d = out / label
@@ -613,11 +645,22 @@ def _readme(
         "\n"
         "Layout: <class>/<class>_NNNN.png and manifest.csv (columns image,case_id; image is\n"
         "relative to this directory). Split by case_id to avoid leakage between splits.\n"
+        f"{ANNOTATIONS}: the drawn nodule's box and outline per image, in the format of\n"
+        "DDTI's annotations (image,case_id,nodule_box_xywh,nodule_polygons; empty for normal).\n"
     )
 
 
+def _box_and_polygons(outline: list) -> tuple[str, str]:
+    """DDTI's nodule_box_xywh and nodule_polygons cells for one outline (empty: none)."""
+    if not outline:
+        return "", ""
+    xs, ys = [p[0] for p in outline], [p[1] for p in outline]
+    box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+    return json.dumps(box), json.dumps([outline])
+
+
 def generate(out: Path, per_class: int, classes: int = 2, seed: int = 0, size: int = 256) -> dict:
-    """Write `out/<class>/<class>_<i:04d>.png` images plus `out/manifest.csv` (columns image,case_id) and `out/README.txt`; returns {class_name: count}.
+    """Write `out/<class>/<class>_<i:04d>.png` images plus `out/manifest.csv` (columns image,case_id), `out/annotations.csv` (nodule boxes and outlines) and `out/README.txt`; returns {class_name: count}.
 
     Each case (``phantom-<class>-<n>``) holds 1-3 images of the same nodule with a
     different speckle realisation and a small shift. ``out`` is created if needed;
@@ -656,6 +699,7 @@ def generate(out: Path, per_class: int, classes: int = 2, seed: int = 0, size: i
     size, per_class, seed = int(size), int(per_class), int(seed)
     counts: dict[str, int] = {}
     rows: list[tuple[str, str]] = []
+    outlines: list[tuple[str, str, str, str]] = []
     n_cases = 0
     for name in names:
         cdir = out / name
@@ -677,6 +721,7 @@ def generate(out: Path, per_class: int, classes: int = 2, seed: int = 0, size: i
                 fname = f"{name}_{i:04d}.png"
                 Image.fromarray(frame.image).save(cdir / fname, format="PNG", compress_level=3)
                 rows.append((f"{name}/{fname}", case_id))
+                outlines.append((f"{name}/{fname}", case_id, *_box_and_polygons(frame.outline)))
                 i += 1
             case_no += 1
             n_cases += 1
@@ -686,6 +731,10 @@ def generate(out: Path, per_class: int, classes: int = 2, seed: int = 0, size: i
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(("image", "case_id"))
         writer.writerows(rows)
+    with (out / ANNOTATIONS).open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(ANNOTATION_COLUMNS)
+        writer.writerows(outlines)
     (out / "README.txt").write_text(
         _readme(classes, per_class, seed, size, counts, n_cases), encoding="utf-8"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,33 +25,56 @@ from thyroid_cad.settings import cache_dir
 log = logging.getLogger(__name__)
 
 
-def decode_all(paths: list[Path], size: int) -> np.ndarray:
-    """Decode and prepare images in parallel -> uint8 array N x size x size x 3."""
+def decode_all(
+    paths: list[Path],
+    size: int,
+    rois: list[imaging.Box | None] | None = None,
+    margin: float = imaging.ROI_MARGIN,
+) -> np.ndarray:
+    """Decode and prepare images in parallel -> uint8 array N x size x size x 3.
+
+    With `rois`, image i is the nodule-centred square around rois[i] (None: the whole
+    frame), as thyroid_cad.imaging.prepare_input makes it.
+    """
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
 
     def work(i: int) -> None:
-        out[i] = imaging.load_prepared(paths[i], size)
+        out[i] = imaging.load_prepared(paths[i], size, rois[i] if rois else None, margin)
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         list(pool.map(work, range(len(paths))))
     return out
 
 
-def load_images(paths: list[Path], sha256: list[str], size: int) -> np.ndarray:
-    """decode_all with an on-disk cache keyed by file contents, size and preprocessing."""
-    key = hashlib.sha256(
-        f"{imaging.PREPROCESSING_VERSION}|{size}|{'|'.join(sha256)}".encode()
-    ).hexdigest()[:20]
-    path = cache_dir() / f"images-{key}.npy"
+def cached(kind: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """compute() once, then THYROID_CAD_HOME/cache/<kind>-<hash of key>.npy."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    path = cache_dir() / f"{kind}-{digest}.npy"
     if path.is_file():
-        log.info("image cache hit: %s", path)
+        log.info("%s cache hit: %s", kind, path)
         return np.load(path)
-    arrays = decode_all(paths, size)
+    arrays = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, arrays)
     tmp.replace(path)  # atomic: parallel runs never read half a file
     return arrays
+
+
+def load_images(
+    paths: list[Path],
+    sha256: list[str],
+    size: int,
+    rois: list[imaging.Box | None] | None = None,
+    margin: float = imaging.ROI_MARGIN,
+) -> np.ndarray:
+    """decode_all with an on-disk cache keyed by file contents, size and preprocessing
+    (and, with ROIs, every box and the margin)."""
+    key = f"{imaging.PREPROCESSING_VERSION}|{size}|{'|'.join(sha256)}"
+    if rois is not None:
+        boxes = "|".join(",".join(map(str, b)) if b else "-" for b in rois)
+        key += f"|roi{imaging.ROI_PREPROCESSING_VERSION}|{margin}|{boxes}"
+    return cached("images", key, lambda: decode_all(paths, size, rois, margin))
 
 
 # Augmentation ranges: rotation (radians), zoom, shift (fraction of the side),

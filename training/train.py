@@ -25,8 +25,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from thyroid_cad.imaging import PREPROCESSING_VERSION
-from training import evaluate, loso, models, pipeline, sources, tracking
+from thyroid_cad.imaging import PREPROCESSING_VERSION, ROI_MARGIN
+from training import evaluate, loso, models, pipeline, roi, sources, tracking
 from training.audit import inspect_all
 from training.data import Dataset, scan
 from training.splits import grouped_split
@@ -68,6 +68,11 @@ class TrainConfig:
     holdout_source: str | None = None
     max_images: int | None = None
     stage: str = "thyroid"
+    roi: str = "off"
+    roi_margin: float = ROI_MARGIN
+    roi_jitter: float = 0.0
+    annotations: str | None = None
+    localiser: str | None = None
     experiment: str = "thyroid-cad"
     run_name: str | None = None
 
@@ -93,6 +98,7 @@ class TrainConfig:
             raise ValueError("target sensitivity must be between 0 and 1")
         if self.strategy == "two-phase" and self.epochs < 2:
             raise ValueError("two-phase fine-tuning needs at least 2 epochs")
+        roi.check_config(self)
         models.resolve_weights(self.weights)
 
     @property
@@ -239,8 +245,13 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
     k = len(class_names)
     positive = class_names.index(POSITIVE_CLASS) if POSITIVE_CLASS in class_names else k - 1
     labels = np.asarray(dataset.labels)
+    rois = roi.plan(cfg, dataset, used, idx["train"], infos)
     images = pipeline.load_images(
-        [dataset.records[i].path for i in used], [dataset.sha256()[i] for i in used], cfg.image_size
+        [dataset.records[i].path for i in used],
+        [dataset.sha256()[i] for i in used],
+        cfg.image_size,
+        rois=rois.boxes_for(used) if rois else None,
+        margin=cfg.roi_margin,
     )
     row = {i: r for r, i in enumerate(used)}
     x = {s: images[[row[i] for i in v]] for s, v in idx.items()}
@@ -283,6 +294,8 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                     {s: [dataset.records[i].rel for i in v] for s, v in idx.items()},
                     "holdout.json",
                 )
+        if rois:
+            rois.log(dataset)
 
         model = models.build_model(
             cfg.backbone, k, cfg.image_size, cfg.weights, bn_frozen=cfg.pretrained
@@ -417,6 +430,8 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 "split_id": split.split_id,
                 **extra,
             }
+            if rois:
+                info["roi"] = rois.bundle(model_dir)
             (model_dir / "info.json").write_text(json.dumps(info, indent=1))
             mlflow.log_artifacts(str(model_dir), "model")
             log.info("logged %d plots and the model to run %s", len(plots), run.info.run_id)
@@ -466,6 +481,7 @@ def train_progressive(
             data=via,
             manifest=via_manifest,
             stage="radiograph",
+            roi="off",
             strategy="full",
             classifier="softmax",
             epochs=via_epochs or cfg.epochs,

@@ -10,6 +10,12 @@ little-endian length, as Triton clients send them. Outputs: `probabilities` FP32
 little-endian bytes after the JSON header when an output asks for `binary_data` (or the
 request for `binary_data_output`), as Triton answers. Frames go through the model's
 batcher like /v1's, so /v1 and /v2 requests share batches.
+
+Models trained on ROI crops: a BYTES input may carry the parameter `roi`, the nodule box
+`x,y,w,h` in the image's pixels (`;` between the images of a batch; an empty entry lets
+the bundled localiser propose it, as does no `roi` at all). The response's parameters
+say what was classified: `roi` (same format), `roi_source` (`user`, `localiser` or
+`none` per image) and `shape` (JSON list, per image, of the nodule's shape or null).
 """
 
 from __future__ import annotations
@@ -49,7 +55,14 @@ _TENSOR = {
         "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
         "parameters": {
             "type": "object",
-            "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+            "properties": {
+                "binary_data_size": {"type": "integer", "minimum": 0},
+                "roi": {
+                    "type": "string",
+                    "description": "BYTES only, ROI models: nodule box x,y,w,h in the image's "
+                    "pixels, ';' between images; empty or absent: the localiser's.",
+                },
+            },
         },
         "data": {"type": "array", "description": "Row-major values; BYTES as base64."},
     },
@@ -210,6 +223,16 @@ def _metadata(model: LoadedModel) -> dict:
             "class_names": model.card["class_names"],
             "alternative_input": "BYTES [-1]: encoded image files",
             "disclaimer": model.card.get("disclaimer"),
+            **(
+                {
+                    "roi_margin": float(model.roi["margin"]),
+                    "roi_localiser": model.localiser is not None,
+                    "roi_input": "UINT8 frames: thyroid_cad.imaging.prepare_input with the "
+                    "nodule box and roi_margin; BYTES: parameter roi=x,y,w,h (or the localiser)",
+                }
+                if model.roi
+                else {}
+            ),
         },
     }
 
@@ -340,9 +363,33 @@ def _bytes_elements(spec: dict, blob: bytes, offset: int) -> tuple[list[bytes], 
         raise ApiError(400, "invalid_tensor", "BYTES data must be base64 strings in JSON") from e
 
 
+def _rois(spec: dict, n: int) -> list:
+    """The `roi` input parameter: one box (or None) per encoded image."""
+    text = (spec.get("parameters") or {}).get("roi")
+    if text is None:
+        return [None] * n
+    if not isinstance(text, str):
+        raise _bad("'roi' must be a string x,y,w,h (';' between images)", "invalid_roi")
+    parts = text.split(";")
+    if len(parts) != n:
+        raise _bad(f"'roi' gives {len(parts)} boxes for {n} images", "invalid_roi")
+    return [inference.parse_roi(p) if p.strip() else None for p in parts]
+
+
+def _roi_parameters(located: list) -> dict:
+    """What a ROI model classified, as OIP response parameters (strings)."""
+    boxes = [",".join(map(str, x.roi.box)) if x.roi.box else "" for x in located]
+    shapes = [x.shape.model_dump() if x.shape else None for x in located]
+    return {
+        "roi": ";".join(boxes),
+        "roi_source": ";".join(x.roi.source for x in located),
+        "shape": json.dumps(shapes),
+    }
+
+
 def _batch(
     model: LoadedModel, spec: dict, blob: bytes, limits: Settings
-) -> tuple[np.ndarray, dict]:
+) -> tuple[np.ndarray, dict, list]:
     dtype, shape = spec.get("datatype"), spec.get("shape")
     s = model.input_size
     if dtype == "UINT8":
@@ -362,11 +409,19 @@ def _batch(
                 raise ApiError(400, "invalid_tensor", "UINT8 data must lie in 0..255")
         if values.size != int(np.prod(shape)):
             raise ApiError(400, "invalid_shape", f"{values.size} values do not fill {shape}")
+        if (spec.get("parameters") or {}).get("roi") is not None:
+            raise _bad(
+                "'roi' applies to BYTES images; UINT8 frames are already prepared", "invalid_roi"
+            )
         batch = values.astype(np.uint8).reshape(shape)
-        return batch, {
-            "content_type": "tensor/uint8",
-            "input_sha256": hashlib.sha256(batch.tobytes()).hexdigest(),
-        }
+        return (
+            batch,
+            {
+                "content_type": "tensor/uint8",
+                "input_sha256": hashlib.sha256(batch.tobytes()).hexdigest(),
+            },
+            [],
+        )
     if dtype == "BYTES":
         files, _ = _bytes_elements(spec, blob, 0)
         if len(files) > MAX_BATCH:
@@ -377,15 +432,19 @@ def _batch(
             raise _bad(
                 f"BYTES shape {shape} does not match its {len(files)} elements", "invalid_shape"
             )
-        frames = []
-        for data in files:
+        rois = _rois(spec, len(files))
+        frames, located = [], []
+        for data, roi in zip(files, rois, strict=True):
             if len(data) > limits.max_upload_bytes:
                 raise ApiError(
                     413, "file_too_large", f"an image exceeds {limits.max_upload_bytes} bytes"
                 )
-            frames.append(inference.prepare(data, s, limits.max_image_pixels).square)
+            prepared = inference.prepare(data, s, limits.max_image_pixels, model, roi)
+            frames.append(prepared.square)
+            located.append(prepared.located)
         digest = hashlib.sha256(b"".join(files)).hexdigest()
-        return np.stack(frames), {"content_type": "tensor/bytes", "input_sha256": digest}
+        facts = {"content_type": "tensor/bytes", "input_sha256": digest}
+        return np.stack(frames), facts, located if model.roi else []
     raise ApiError(400, "invalid_datatype", "image must be UINT8 [N,S,S,3] or BYTES [N]")
 
 
@@ -496,7 +555,9 @@ async def _infer(request: Request, key, name: str, version: str | None):
         limits: Settings = request.app.state.settings
         header, blob = await _parse(request, 4 * limits.max_upload_bytes)
         t0 = time.perf_counter()
-        batch, facts = await run_in_threadpool(_batch, model, header["inputs"][0], blob, limits)
+        batch, facts, located = await run_in_threadpool(
+            _batch, model, header["inputs"][0], blob, limits
+        )
         if len(batch) == 0:
             raise _bad("the batch is empty", "invalid_shape")
         audited.record.update(
@@ -526,7 +587,11 @@ async def _infer(request: Request, key, name: str, version: str | None):
             "model_name": model.name,
             "model_version": str(model.version),
             "id": header.get("id") or audited.record["request_id"],
-            "parameters": {"disclaimer": model.card.get("disclaimer"), "class_names": names},
+            "parameters": {
+                "disclaimer": model.card.get("disclaimer"),
+                "class_names": names,
+                **(_roi_parameters(located) if located else {}),
+            },
             "outputs": outputs,
         }
         if not binary:

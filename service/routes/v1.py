@@ -24,7 +24,7 @@ from service.schemas import DISCLAIMER, SQL_INT_MAX, ErrorOut, PredictResponse, 
 def errors(*statuses: int) -> dict:
     """OpenAPI entries for the error answers a route can give (all share ErrorOut)."""
     why = {
-        400: "Bad input: corrupt image, unknown class, malformed request.",
+        400: "Bad input: corrupt image, unknown class, invalid roi, malformed request.",
         401: "Missing or unknown API key.",
         403: "The key lacks the scope this route needs.",
         404: "No such model, alias or version.",
@@ -58,6 +58,15 @@ ClassQ = Annotated[
     Query(alias="class", min_length=1, description="Heatmap for this class, not the predicted."),
 ]
 Upload = Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF or DICOM.")]
+RoiQ = Annotated[
+    str | None,
+    Query(
+        description="Nodule box x,y,w,h in the image's pixels, for models trained on ROI "
+        "crops (their card has 'roi'); without it their bundled localiser proposes one. "
+        "Whole-frame models refuse it.",
+        examples=["120,80,200,150"],
+    ),
+]
 ISO_8601 = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
     r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?$"
@@ -94,6 +103,7 @@ def predict_upload(
     version: int | None = None,
     name: str | None = None,
     options: formats.Options = formats.JSON,
+    roi: str | None = None,
 ) -> Response:
     with Audited(request, route, key) as audited:
         settings: Settings = request.app.state.settings
@@ -105,9 +115,10 @@ def predict_upload(
         names = model.card["class_names"]
         if class_name is not None and class_name not in names:  # before any decoding work
             raise ApiError(400, "unknown_class", f"class must be one of {names}")
+        box = inference.parse_roi(roi)
         read_s = time.perf_counter() - t0
         prepared = inference.prepare(
-            data, model.input_size, settings.max_image_pixels, options.frame
+            data, model.input_size, settings.max_image_pixels, model, box, options.frame
         )
         audited.record.update(
             content_type=prepared.content_type,
@@ -135,6 +146,8 @@ def predict_upload(
             model=inference.describe_model(model, via),
             prediction=prediction,
             heatmap=rendered,
+            roi=prepared.located.roi if prepared.located else None,
+            shape=prepared.located.shape if prepared.located else None,
             timings=timings,
             disclaimer=DISCLAIMER,
         )
@@ -165,10 +178,19 @@ def predict_default(
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
     alias: Annotated[str | None, Query(min_length=1, description="e.g. challenger")] = None,
+    roi: RoiQ = None,
 ):
     """Classify one ultrasound image with the champion (or ?alias=) model."""
     return predict_upload(
-        request, file, key, "/v1/predict", heatmap, class_name, alias=alias, options=options
+        request,
+        file,
+        key,
+        "/v1/predict",
+        heatmap,
+        class_name,
+        alias=alias,
+        options=options,
+        roi=roi,
     )
 
 
@@ -182,11 +204,21 @@ def predict_alias(
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
     alias: Annotated[str, Query(min_length=1, description="Registry alias.")] = "champion",
+    roi: RoiQ = None,
 ):
     """Classify with the version an alias of this model points at."""
     route = "/v1/models/{name}/predict"
     return predict_upload(
-        request, file, key, route, heatmap, class_name, alias=alias, name=name, options=options
+        request,
+        file,
+        key,
+        route,
+        heatmap,
+        class_name,
+        alias=alias,
+        name=name,
+        options=options,
+        roi=roi,
     )
 
 
@@ -202,11 +234,21 @@ def predict_version(
     options: formats.OptionsDep,
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
+    roi: RoiQ = None,
 ):
     """Classify with one pinned model version."""
     route = "/v1/models/{name}/versions/{version}/predict"
     return predict_upload(
-        request, file, key, route, heatmap, class_name, version=version, name=name, options=options
+        request,
+        file,
+        key,
+        route,
+        heatmap,
+        class_name,
+        version=version,
+        name=name,
+        options=options,
+        roi=roi,
     )
 
 

@@ -1,0 +1,321 @@
+"""Localiser and ROI training on the phantom: train, log, export, bundle, register."""
+
+import inspect
+import json
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pytest
+from mlflow.tracking import MlflowClient
+from test_train import _cfg as train_cfg
+
+from thyroid_cad import imaging, settings
+from thyroid_cad.files import sha256_file
+from training import annotations, export, localiser, roi
+from training.data import DataError, scan
+from training.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def localiser_run(phantom_localiser) -> str:
+    return phantom_localiser
+
+
+def _cfg(data, **kw) -> TrainConfig:
+    """test_train's small phantom configuration, shorter."""
+    return train_cfg(data, **{"epochs": 2, "max_images": 100, "experiment": "tests-roi", **kw})
+
+
+def _artifact(run_id, path):
+    return mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=path, tracking_uri=settings.tracking_uri()
+    )
+
+
+# --------------------------------------------------------------------------- #
+# localiser
+# --------------------------------------------------------------------------- #
+def test_localiser_learns_the_phantom_outlines(home, localiser_run, phantom_root):
+    client = MlflowClient(settings.tracking_uri())
+    run = client.get_run(localiser_run)
+    m, p = run.data.metrics, run.data.params
+    assert m["test_dice"] > 0.5 and m["test_iou"] > 0.35, m
+    assert m["test_box_iou"] > 0.4 and 0 <= m["test_box_hit"] <= 1
+    assert m["test_dice_data"] == m["test_dice"]  # one source, named after its folder
+    assert p["image_size"] == "64" and p["filters"] == "8,16,32,48" and p["sources"] == "data"
+    assert run.data.tags["kind"] == "localiser"
+    assert len(client.get_metric_history(localiser_run, "epoch_val_loss")) >= 2
+    paths = {a.path for a in client.list_artifacts(localiser_run)}
+    assert {"split.json", "plots", "model", "localiser"} <= paths
+    split = json.load(open(_artifact(localiser_run, "split.json")))
+    case_of = {
+        f"data/{a.rel}": a.case_id
+        for a in annotations.read_annotations(phantom_root / "annotations.csv").values()
+    }
+    sides = {}  # grouped: the images of one phantom case sit on one side
+    for rel, side in split["assignment"].items():
+        sides.setdefault(case_of[rel], set()).add(side)
+    assert len(split["assignment"]) == 160 and all(len(s) == 1 for s in sides.values())
+
+
+def test_localiser_export_is_onnx_with_a_card(home, localiser_run, tmp_path):
+    card = localiser.export_run(localiser_run, tmp_path)
+    onnx_path = tmp_path / "localiser.onnx"
+    assert card["sha256"] == sha256_file(onnx_path) and card["kind"] == "localiser"
+    assert card["parity"]["passed"] and card["parity"]["mask_max_abs_diff"] < 1e-4
+    assert card["source_run_id"] == localiser_run and card["input_size"] == 64
+    assert card["metrics"]["test"]["dice"] > 0.5 and "not for diagnostic use" in card["disclaimer"]
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    assert inp.name == "image" and inp.type == "tensor(uint8)" and inp.shape[1:] == [64, 64, 3]
+    assert out.name == "mask" and out.shape[1:] == [64, 64] and not isinstance(out.shape[0], int)
+    images = np.zeros((3, 64, 64, 3), np.uint8)
+    (mask,) = sess.run(None, {"image": images})
+    assert mask.shape == (3, 64, 64) and 0 <= mask.min() and mask.max() <= 1
+
+
+def test_localiser_proposals_find_the_nodules(home, localiser_run, phantom_root):
+    bundle = roi.resolve_localiser(localiser_run)
+    dataset = scan(phantom_root)
+    picked = list(range(0, len(dataset.records), 40))
+    boxes = roi.propose_all(
+        [dataset.records[i].path for i in picked],
+        [dataset.sha256()[i] for i in picked],
+        bundle,
+    )
+    truth = annotations.for_dataset(dataset)
+    ious = [localiser.box_iou(b, truth[i].roi()) for i, b in zip(picked, boxes, strict=True)]
+    assert np.mean(ious) > 0.4, ious
+    # cached: the same answer without running the model again
+    again = roi.propose_all(
+        [dataset.records[i].path for i in picked],
+        [dataset.sha256()[i] for i in picked],
+        bundle,
+    )
+    assert again == boxes
+
+
+def test_localiser_cli_train_and_export(phantom_root, session_home, tmp_path):
+    env = {"THYROID_CAD_HOME": str(session_home), "PATH": "/usr/bin:/bin"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "cli", "localiser", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+
+    result = cli(
+        "train",
+        "--data",
+        str(phantom_root),
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--filters",
+        "4,8,16",
+        "--max-images",
+        "60",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_id = result.stdout.strip().splitlines()[-1]
+    result = cli("export", run_id, "--out", str(tmp_path / "loc"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(tmp_path / "loc" / "localiser.onnx")
+    for args, message in [
+        (["train", "--data", str(tmp_path)], "none of annotations.csv"),
+        (["train"], "give --data or --annotations"),
+        (["export", "0" * 32, "--out", str(tmp_path / "x")], "no exported localiser"),
+    ]:
+        result = cli(*args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"annotations": []}, "at least one annotation file"),
+        ({"image_size": 100}, "divisible by 16"),
+        ({"filters": (8,)}, "at least two"),
+        ({"epochs": 0}, "epochs"),
+        ({"threshold": 1.0}, "threshold"),
+    ],
+)
+def test_localiser_configuration_is_checked(kwargs, message):
+    cfg = localiser.LocaliserConfig(**{"annotations": ["a.csv"], **kwargs})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+# --------------------------------------------------------------------------- #
+# the classifier on ROI crops
+# --------------------------------------------------------------------------- #
+def test_classifier_trains_on_annotated_rois(home, phantom_root):
+    run_id = train(_cfg(phantom_root, roi="annotations", roi_margin=0.5, roi_jitter=0.1))
+    run = MlflowClient(settings.tracking_uri()).get_run(run_id)
+    p, m = run.data.params, run.data.metrics
+    assert (p["roi"], p["roi_margin"], p["roi_jitter"]) == ("annotations", "0.5", "0.1")
+    n_used = int(p["n_train"]) + int(p["n_val"]) + int(p["n_test"])
+    assert m["roi_from_annotation"] == n_used and m["roi_from_localiser"] == 0
+    table = json.load(open(_artifact(run_id, "rois.json")))
+    assert table["margin"] == 0.5 and len(table["rois"]) == n_used
+    split = json.load(open(_artifact(run_id, "split.json")))
+    truth = {a.rel: a.roi() for a in annotations.for_dataset(scan(phantom_root)) if a}
+    moved = 0
+    for rel, entry in table["rois"].items():
+        assert entry["source"] == "annotation"
+        if split["assignment"][rel] == "train":  # jittered
+            moved += tuple(entry["box"]) != truth[rel]
+        else:
+            assert tuple(entry["box"]) == truth[rel]
+    assert moved > 0.5 * int(p["n_train"])
+    info = json.load(open(_artifact(run_id, "model/info.json")))
+    assert info["roi"]["mode"] == "annotations" and info["roi"]["localiser"] is None
+
+
+def test_classifier_with_localiser_bundles_it_through_export_and_registry(
+    home, phantom_root, localiser_run, tmp_path
+):
+    from registry import store
+
+    run_id = train(_cfg(phantom_root, roi="localiser", localiser=localiser_run, roi_margin=0.4))
+    m = MlflowClient(settings.tracking_uri()).get_run(run_id).data.metrics
+    assert m["roi_from_localiser"] + m["roi_from_none"] > 0 and m["roi_from_annotation"] == 0
+    out = tmp_path / "export"
+    card = export.export_run(run_id, out)
+    loc_sha = sha256_file(out / "localiser.onnx")
+    assert card["roi"]["margin"] == 0.4 and card["roi"]["mode"] == "localiser"
+    assert card["roi"]["localiser"]["sha256"] == loc_sha
+    assert card["roi"]["localiser"]["source_run_id"] == localiser_run
+    assert card["bundle"] == {
+        "localiser.onnx": loc_sha,
+        "localiser_card.json": sha256_file(out / "localiser_card.json"),
+    }
+    assert card["parity"]["passed"] and "validation images" in card["parity"]["image_source"]
+    assert "ROI" in card["preprocessing"]
+
+    # parity ran on the ROI crops training made, through the same function
+    params = MlflowClient(settings.tracking_uri()).get_run(run_id).data.params
+    rois_path = _artifact(run_id, "rois.json")
+    images, _ = export._parity_images(
+        {**params, "_split_path": _artifact(run_id, "split.json"), "_rois_path": rois_path}, 64
+    )
+    table = json.load(open(rois_path))
+    split = json.load(open(_artifact(run_id, "split.json")))
+    first = sorted(r for r, s in split["assignment"].items() if s == "val")[0]
+    box = table["rois"][first]["box"]
+    expected = imaging.load_prepared(phantom_root / first, 64, tuple(box) if box else None, 0.4)
+    assert np.array_equal(images[0], expected)
+
+    # the registry carries the exact localiser with the version
+    name = f"roi-{run_id[:8]}"
+    version = store.register(out, name)
+    resolved = store.resolve(f"{name}/{version}", tmp_path / "resolved")
+    for f in ("localiser.onnx", "localiser_card.json"):
+        assert sha256_file(resolved.directory / f) == card["bundle"][f]
+        assert sha256_file(tmp_path / "resolved" / f) == card["bundle"][f]
+    assert store.cached(f"{name}/{version}").card["roi"]["localiser"]["sha256"] == loc_sha
+    shutil.rmtree(resolved.directory)  # a fresh download brings it back too
+    assert sha256_file(store.resolve(f"{name}/{version}").directory / "localiser.onnx") == loc_sha
+    store.promote(version, "champion", name)
+    by_alias = store.resolve(f"{name}@champion")
+    assert by_alias.name == name and (by_alias.directory / "localiser.onnx").is_file()
+    assert store.cached(f"{name}@champion").card["bundle"] == card["bundle"]
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    (tampered / "localiser.onnx").write_bytes(b"not the localiser")
+    with pytest.raises(store.RegistryError, match="localiser.onnx"):
+        store.register(tampered, name)
+    (tampered / "localiser.onnx").unlink()
+    with pytest.raises(store.RegistryError, match="lacks localiser.onnx"):
+        store.register(tampered, name)
+
+
+def test_roi_configuration_is_checked_before_training(home, phantom_root, tmp_path):
+    with pytest.raises(ValueError, match="unknown roi mode"):
+        train(_cfg(phantom_root, roi="bbox"))
+    with pytest.raises(ValueError, match="needs a localiser"):
+        train(_cfg(phantom_root, roi="localiser"))
+    with pytest.raises(ValueError, match="margin"):
+        train(_cfg(phantom_root, roi="annotations", roi_margin=-0.1))
+    with pytest.raises(ValueError, match="not a localiser folder|neither"):
+        train(_cfg(phantom_root, roi="localiser", localiser=str(tmp_path / "nothing")))
+    from training import phantom
+
+    three = tmp_path / "three"  # normal frames have no outline, and no localiser is given
+    phantom.generate(three, per_class=12, classes=3, seed=4, size=64)
+    with pytest.raises(ValueError, match="have no annotated nodule box"):
+        train(_cfg(three, roi="annotations", max_images=None))
+    (three / "annotations.csv").unlink()
+    with pytest.raises(DataError, match="no annotation file"):
+        train(_cfg(three, roi="annotations", max_images=None))
+
+
+def test_jitter_stays_inside_the_frame():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x, y, w, h = roi.jitter((5, 90, 40, 20), 0.3, (100, 120), rng)
+        assert 0 <= x and 0 <= y and x + w <= 100 and y + h <= 120 and w >= 1 and h >= 1
+        assert 40 * 0.69 <= w <= 40 * 1.31
+
+
+def test_cli_roi_options(phantom_root, session_home):
+    from cli.training import train as train_command
+
+    default = inspect.signature(train_command).parameters["roi_margin"].default
+    assert default == imaging.ROI_MARGIN
+    env = {"THYROID_CAD_HOME": str(session_home), "PATH": "/usr/bin:/bin"}
+    for args, message in [
+        (["--roi", "bbox"], "bbox"),
+        (["--roi", "localiser"], "needs a localiser"),
+        (["--roi", "localiser", "--localiser", "/nonexistent"], "neither"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", "train", "--data", str(phantom_root), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- #
+# real data
+# --------------------------------------------------------------------------- #
+@pytest.mark.shared_data
+def test_localiser_trains_on_ddti_outlines_and_breast_us_masks(home, thyroid_seed):
+    breast = thyroid_seed.parent / "breast-us"
+    if not breast.is_dir():
+        pytest.skip(f"real data not available: {breast} is absent")
+    run_id = localiser.train_localiser(
+        localiser.LocaliserConfig(
+            annotations=[
+                str(thyroid_seed / "ddti-annotations.csv"),
+                str(breast / "annotations.csv"),
+            ],
+            image_size=64,
+            filters=(4, 8, 16),
+            epochs=1,
+            max_images=120,
+            experiment="tests-localiser",
+        )
+    )
+    run = MlflowClient(settings.tracking_uri()).get_run(run_id)
+    assert run.data.params["sources"] == "breast-us,thyroid-seed"
+    m, p = run.data.metrics, run.data.params
+    for key in ("test_dice_thyroid-seed", "test_dice_breast-us", "test_box_iou"):
+        assert 0 <= m[key] <= 1, key
+    assert int(p["n_train"]) + int(p["n_val"]) + int(p["n_test"]) <= 120
+    assert m["test_n_thyroid-seed"] > 0 and m["test_n_breast-us"] > 0
