@@ -350,7 +350,7 @@ def markdown(result: dict, chart: str | None) -> str:
     for run in result.get("runs", [])[1:] if len(result.get("runs", [])) > 1 else []:
         lines[0] += (
             f" {', '.join(run['models'])}: its own run, started {run['started'][11:16]} UTC, "
-            f"{run['config']['repeats']} repeats, variants {run['config']['variant'] or 'none'}, "
+            f"{run['config']['repeats']} repeat(s), variants {run['config']['variant'] or 'none'}, "
             f"load average {run['load_average_at_start']}."
         )
     if chart:
