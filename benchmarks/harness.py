@@ -219,6 +219,12 @@ def _env(home: Path | None = None, extra: dict | None = None) -> dict:
 
 
 # -- servers --------------------------------------------------------------------------
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the run through its finally blocks, so the servers it started stop too
+    (they run in sessions of their own and would outlive a plain kill)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -130,6 +130,7 @@ def run_model(export: Path, args, work: Path, jpeg: bytes, log) -> dict:
     providers = harness.session_providers(export / "model.onnx", args.providers)
     cells: dict[tuple, list[dict]] = {}
     startup: dict[str, float] = {}
+    interrupted, profile = False, None
     try:
         for label, server in servers.items():
             log(f"[{backbone}] starting {label}")
@@ -162,6 +163,8 @@ def run_model(export: Path, args, work: Path, jpeg: bytes, log) -> dict:
                         )
                         cells.setdefault((label, route, c, 1), []).append(r)
         profile = _profile(servers, requests, args, work, backbone) if args.profile else None
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True  # keep what was measured: main writes it, then exits non-zero
     finally:
         for server in servers.values():
             server.stop()
@@ -191,6 +194,7 @@ def run_model(export: Path, args, work: Path, jpeg: bytes, log) -> dict:
         )
     return {
         "backbone": backbone,
+        "interrupted": interrupted,
         "input_size": size,
         "onnx_mb": round((export / "model.onnx").stat().st_size / 2**20, 1),
         "heatmap_shape": card.get("heatmap_shape"),
@@ -250,7 +254,8 @@ def _paired(rows: list[dict], a: tuple, b: tuple, metric: str, op) -> dict | Non
 
 def _raw_best(rows: list[dict], repeats: int) -> list[float]:
     raw = [r for r in rows if r["system"] == "raw onnxruntime"]
-    return [max(r["repeats"][i]["images_per_s"] for r in raw) for i in range(repeats)]
+    done = min((len(r["repeats"]) for r in raw), default=0)  # fewer if interrupted
+    return [max(r["repeats"][i]["images_per_s"] for r in raw) for i in range(min(repeats, done))]
 
 
 def targets(rows: list[dict], repeats: int, variants: list[str]) -> list[dict]:
@@ -345,7 +350,7 @@ def markdown(result: dict, chart: str | None) -> str:
     for run in result.get("runs", [])[1:] if len(result.get("runs", [])) > 1 else []:
         lines[0] += (
             f" {', '.join(run['models'])}: its own run, started {run['started'][11:16]} UTC, "
-            f"{run['config']['repeats']} repeats, variants {run['config']['variant'] or 'none'}, "
+            f"{run['config']['repeats']} repeat(s), variants {run['config']['variant'] or 'none'}, "
             f"load average {run['load_average_at_start']}."
         )
     if chart:
@@ -395,27 +400,33 @@ def chart(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(result["models"].values())
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        labels, med, lo, hi = [], [], [], []
+    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 9), squeeze=False)
+    metrics = (
+        ("images_per_s", "images/s", "#4477aa"),
+        ("cpu_s_per_image", "CPU s per image (server process tree)", "#cc6677"),
+    )
+    for col, model in enumerate(models):
         c8 = max(
             (r["concurrency"] for r in model["rows"] if (r["concurrency"] or 99) <= 8), default=1
         )
-        for r in model["rows"]:
-            if r["concurrency"] not in (None, c8):
-                continue
-            s = r["summary"]["images_per_s"]
-            name = r["system"] if r["system"] == r["route"] else f"{r['system']} {r['route']}"
-            labels.append(name.replace("raw onnxruntime", "raw ORT"))
-            med.append(s["median"])
-            lo.append(s["median"] - s["min"])
-            hi.append(s["max"] - s["median"])
+        rows = [r for r in model["rows"] if r["concurrency"] in (None, c8)]
+        labels = [
+            (r["system"] if r["system"] == r["route"] else f"{r['system']} {r['route']}").replace(
+                "raw onnxruntime", "raw ORT"
+            )
+            for r in rows
+        ]
         y = np.arange(len(labels))
-        ax.barh(y, med, xerr=[lo, hi], color="#4477aa")
-        ax.set_yticks(y, labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel(f"images/s (servers at concurrency {c8}; bars: min-max of repeats)")
-        ax.set_title(f"{model['backbone']} {model['input_size']} px")
+        for row, (key, name, colour) in enumerate(metrics):
+            ax = axes[row][col]
+            s = [r["summary"][key] for r in rows]
+            med = [x["median"] for x in s]
+            err = [[x["median"] - x["min"] for x in s], [x["max"] - x["median"] for x in s]]
+            ax.barh(y, med, xerr=err, color=colour)
+            ax.set_yticks(y, labels, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"{name} (servers at c={c8}; bars: min-max)")
+            ax.set_title(f"{model['backbone']} {model['input_size']} px")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -460,6 +471,7 @@ def main() -> None:
         "table, chart and doc section from them",
     )
     args = parser.parse_args()
+    harness.stop_on_sigterm()
     if args.render:
         return render(args.render, args.out or ROOT / "docs", args.doc)
     given = set(sys.argv)
@@ -525,7 +537,11 @@ def main() -> None:
         result["duration_s"] = time.perf_counter() - t0
         # written after every model, so a run cut short still leaves what it measured
         (out / "benchmarks-serve.json").write_text(json.dumps(result, indent=1))
+        if model["interrupted"]:
+            break
     report(result, out, args.doc)
+    if any(m["interrupted"] for m in result["models"].values()):
+        sys.exit("interrupted: the report holds what was measured before")
 
 
 def report(result: dict, out: Path, doc: Path | None) -> None:

@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for soak.json / soak.md")
     parser.add_argument("--doc", type=Path, default=None, help="markdown file to update")
     args = parser.parse_args()
+    harness.stop_on_sigterm()
     if args.quick:
         args.backbone, args.size = "tiny", 64
         args.seconds = min(args.seconds, 4.0)

@@ -114,14 +114,18 @@ def _fast_jpeg(image: Image.Image, data: bytes) -> np.ndarray | None:
     Pillow and simplejpeg both run libjpeg-turbo with the accurate DCT and fancy
     upsampling, so the pixels are identical (tests/test_decoding_speed.py checks it);
     simplejpeg skips Pillow's copies. CMYK and EXIF-rotated files keep Pillow's
-    handling. strict=True turns libjpeg's "premature end of file" into ValueError, as
-    Pillow refuses truncated files.
+    handling, and so does any file libjpeg warns about (strict=True raises on them):
+    Pillow accepts a few flipped bits in the scan but refuses a truncated file, and
+    that judgement stays Pillow's.
     """
     if image.format != "JPEG" or image.mode not in ("RGB", "L"):
         return None
     if image.getexif().get(imaging.EXIF_ORIENTATION, 1) != 1:
         return None
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError:
+        return None
 
 
 # -- DICOM ------------------------------------------------------------------------------
