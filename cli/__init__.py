@@ -5,7 +5,7 @@ This package sits on top of the import graph: it imports training/, registry/ an
 service/, and none of them imports it.
 """
 
-from cli import data, registry, score, service, training  # noqa: F401 - they register commands
+from cli import data, pacs, registry, score, service, training  # noqa: F401 - they register commands
 from cli.common import app
 
 __all__ = ["app"]

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -56,3 +59,71 @@ def user_errors():
         if type(e).__name__ in ("MlflowException", "RestException"):
             raise fail(f"MLflow: {e}") from e
         raise
+
+
+# What TensorFlow's and onnxruntime's C++ sides write to stderr on a host without an
+# NVIDIA GPU, straight to file descriptor 2 (so no logging setting reaches all of it):
+# TensorFlow looks for CUDA at import and calls cuInit at the first device query;
+# onnxruntime-gpu, asked for its CUDA provider (MLflow validates a logged ONNX model
+# that way), prints a red [E] and a yellow [W] line. None of it is news on a CPU host.
+CPU_HOST_NOISE = (
+    "All log messages before absl::InitializeLog() is called",
+    "cudart_stub.cc",
+    "cuda_platform.cc",
+    "cuInit",
+    "oneDNN custom operations are on",
+    "provider_bridge_ort.cc",
+    "CreateExecutionProviderFactoryInstance",
+)
+_COLOUR_ONLY = re.compile(r"^(\x1b\[[0-9;]*m)+\s*$")  # what is left of a colour reset
+
+
+def has_nvidia_gpu() -> bool:
+    """An NVIDIA driver is present (its device nodes or its /proc entry)."""
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/proc/driver/nvidia/version"))
+
+
+@contextlib.contextmanager
+def stderr_without(noise: tuple[str, ...]):
+    """Capture file descriptor 2 (C++ libraries write there directly); afterwards, write
+    back every captured line that contains none of `noise`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(n in line for n in noise) and not _COLOUR_ONLY.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def quiet_cuda_probes():
+    """On a host without an NVIDIA GPU, drop TensorFlow's and onnxruntime's CUDA probing
+    messages from stderr (anything else they print still gets through). On a GPU host
+    nothing is filtered: there those messages can matter."""
+    if has_nvidia_gpu():
+        yield
+        return
+    with stderr_without(CPU_HOST_NOISE):
+        yield
+
+
+def start_tensorflow() -> None:
+    """Import TensorFlow for a command that trains or exports, quietly on a CPU host:
+    its CUDA probing is replaced by one plain log line."""
+    if "tensorflow" in sys.modules:
+        return
+    with quiet_cuda_probes():
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")  # cuInit happens here, once
+    if not gpus:
+        log.info("no NVIDIA GPU found: TensorFlow runs on the CPU")

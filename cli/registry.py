@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import ModelName, app, user_errors
+from cli.common import ModelName, app, quiet_cuda_probes, user_errors
 
 registry_app = typer.Typer(
     help="MLflow model registry: versions, aliases (champion, challenger), promotion gate.",
@@ -27,7 +27,8 @@ def registry_register(
     """Log an exported model (MLflow ONNX flavor) and register a new version; prints it last."""
     from registry import store
 
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    # MLflow checks the logged model in onnxruntime with its CUDA provider first.
+    with user_errors(), contextlib.redirect_stdout(sys.stderr), quiet_cuda_probes():
         version = store.register(directory, name)
     typer.echo(str(version))
 
@@ -37,7 +38,7 @@ def registry_list(
     name: ModelName = "thyroid-nodule-classifier",
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ):
-    """Versions with their aliases, validation AUC, parity result and source run."""
+    """Versions with their aliases, validation AUC, source-robust score, parity, source run."""
     from registry import store
 
     with user_errors():
@@ -47,8 +48,10 @@ def registry_list(
         return
     for v in versions:
         auc = f"{v['val_auc']:.3f}" if v["val_auc"] is not None else "-"
+        robust = f"{v['robust_score']:.3f}" if v["robust_score"] is not None else "-"
         typer.echo(
             f"v{v['version']:<4} {','.join(v['aliases']) or '-':<20} val_auc {auc}  "
+            f"robust {robust}  "
             f"parity {'ok' if v['parity_passed'] else 'FAILED'}  run {v['source_run_id']}"
         )
 
@@ -81,7 +84,8 @@ def registry_promote(
     reason: Annotated[str | None, typer.Option(help="Why; recorded in the registry.")] = None,
     name: ModelName = "thyroid-nodule-classifier",
 ):
-    """Point an alias at a version; refused if parity failed or validation AUC is lower."""
+    """Point an alias at a version; refused if parity failed, validation AUC is lower, or the
+    card shows a shortcut (not above the source/size floor, or at chance within a source)."""
     from registry import store
 
     with user_errors():

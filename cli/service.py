@@ -23,6 +23,11 @@ def serve(
     """Run the inference service (configured by THYROID_CAD_* variables, see README)."""
     import uvicorn
 
+    from service.config import get_settings
+
+    with user_errors():  # a bad THYROID_CAD_* value: one clear message, exit 2
+        get_settings()
+
     uvicorn.run(
         "service.app:create_app",
         factory=True,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
+from cli.common import app, fail, log, start_tensorflow, user_errors
 
 
 class Backbone(StrEnum):
@@ -35,9 +35,49 @@ class Classifier(StrEnum):
     rf = "rf"
 
 
+class ClassWeights(StrEnum):
+    global_ = "global"
+    source = "source"
+
+
+# `train` options that are not TrainConfig fields.
+_NOT_FIELDS = ("config", "progressive_via", "via_epochs", "via_max_images")
+
+
+def _plain(value):
+    """An option's value as TrainConfig holds it (enum -> its value, path -> str)."""
+    if isinstance(value, Enum):
+        return value.value
+    return str(value) if isinstance(value, Path) else value
+
+
+def _options(ctx: typer.Context, config: Path | None) -> dict:
+    """Every option's value: the command line's, else the config file's, else the default.
+
+    An option counts as given when click saw it on the command line (or in the
+    environment), whatever its value, so `--epochs 10` overrides a file's `epochs: 3`.
+    """
+    values = {name: _plain(v) for name, v in ctx.params.items() if name != "config"}
+    if config is None:
+        return values
+    from training.config import load_train_config
+
+    # By name: typer 0.29 vendors click (typer._click), so click.core.ParameterSource is
+    # another enum than the one its context returns.
+    defaulted = ("DEFAULT", "DEFAULT_MAP", None)
+    given = {
+        n for n in values if getattr(ctx.get_parameter_source(n), "name", None) not in defaulted
+    }
+    from_file = load_train_config(config)
+    return {**values, **{k: v for k, v in from_file.items() if k not in given}}
+
+
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option(help="Dataset root.")],
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset root (or `data:` in the --config file).")
+    ] = None,
     backbone: Annotated[Backbone, typer.Option(help="Convolutional base.")] = Backbone.tiny,
     strategy: Annotated[Strategy, typer.Option(help="Fine-tuning strategy.")] = Strategy.full,
     classifier: Annotated[
@@ -65,6 +105,26 @@ def train(
     max_images: Annotated[
         int | None, typer.Option(help="Stratified subsample of the dataset (quick runs).")
     ] = None,
+    class_weights: Annotated[
+        ClassWeights,
+        typer.Option(
+            help="'global': classes balanced over the training set; 'source': balanced "
+            "within every image source (scanner), each source weighing the same."
+        ),
+    ] = ClassWeights.global_,
+    scanner_augment: Annotated[
+        bool,
+        typer.Option(
+            help="Also vary what scanners differ in: crops, resolution, speckle, gain, TGC."
+        ),
+    ] = False,
+    loso: Annotated[
+        bool,
+        typer.Option(
+            help="Leave-one-source-out: also train on all but one source and test on it, "
+            "for every source (one extra training each)."
+        ),
+    ] = False,
     target_sensitivity: Annotated[
         float, typer.Option(help="Operating point chosen on validation.")
     ] = 0.90,
@@ -79,32 +139,28 @@ def train(
         int | None, typer.Option(help="Subsample of the intermediate dataset.")
     ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML file of training options (TrainConfig fields, e.g. configs/best.yaml); "
+            "options given on the command line override it."
+        ),
+    ] = None,
 ):
     """Train one model and log it to MLflow; prints the run id last."""
+    start_tensorflow()
     from training.train import TrainConfig, train_progressive
     from training.train import train as run
 
-    cfg = TrainConfig(
-        data=str(data),
-        backbone=backbone.value,
-        strategy=strategy.value,
-        classifier=classifier.value,
-        epochs=epochs,
-        image_size=image_size,
-        weights=weights,
-        init_from=init_from,
-        manifest=str(manifest) if manifest else None,
-        unfreeze_blocks=unfreeze_blocks,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        seed=seed,
-        max_images=max_images,
-        target_sensitivity=target_sensitivity,
-        experiment=experiment,
-    )
+    with user_errors():
+        values = _options(ctx, config)
+        if not values.get("data"):
+            raise ValueError("no dataset: give --data ROOT or `data:` in the --config file")
+        via, via_epochs, via_max_images = (values.pop(k, None) for k in _NOT_FIELDS[1:])
+        cfg = TrainConfig(**{k: v for k, v in values.items() if k not in _NOT_FIELDS})
     with user_errors(), contextlib.redirect_stdout(sys.stderr):
-        if progressive_via:
-            run_id = train_progressive(cfg, str(progressive_via), via_epochs, None, via_max_images)
+        if via:
+            run_id = train_progressive(cfg, via, via_epochs, None, via_max_images)
         else:
             run_id = run(cfg)
     typer.echo(run_id)
@@ -120,6 +176,7 @@ def sweep(
     ] = False,
 ):
     """Train a grid of backbone x strategy x classifier x stage; prints the parent run id last."""
+    start_tensorflow()
     from training import sweep as sweeps
 
     with user_errors():
@@ -138,6 +195,7 @@ def export(
     ),
 ):
     """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card."""
+    start_tensorflow()
     from training import export as exporter
     from training import tracking
 

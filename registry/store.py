@@ -28,6 +28,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from registry import gate
 from thyroid_cad import settings
 from thyroid_cad.files import sha256_file
 
@@ -149,6 +150,7 @@ def register(directory: Path, name: str = DEFAULT_NAME) -> int:
         "class_names": ",".join(card["class_names"]),
         "input_size": str(size),
         "threshold": str(card["threshold"]),
+        gate.TAG: gate.tag_value(card),
     }
     for split in ("val", "test"):
         for key in ("auc", "auc_ci_low", "auc_ci_high", "sensitivity", "specificity"):
@@ -190,6 +192,7 @@ class VersionInfo:
             "parity_passed": self.tags.get("parity_passed") == "true",
             "val_auc": _float(self.tags.get("val_auc")),
             "test_auc": _float(self.tags.get("test_auc")),
+            "robust_score": gate.robust_score(self.tags.get(gate.TAG)),
             "heatmap": self.tags.get("heatmap") == "true",
             "sha256": self.tags.get("sha256"),
             "tags": self.tags,
@@ -304,8 +307,10 @@ def promote(
 ) -> dict:
     """Point `alias` at `version`, if the gate allows; returns the recorded event.
 
-    The gate refuses a version whose parity check failed, and one whose validation AUC
-    is below the alias's current holder, unless force=True with a reason.
+    The gate refuses a version whose parity check failed, one whose validation AUC is
+    below the alias's current holder, and one whose card shows a shortcut (registry.gate:
+    not above the shortcut floor, or at chance within a source), unless force=True with
+    a reason.
     """
     if force and not (reason and reason.strip()):
         raise RegistryError("--force needs --reason: say why the gate is overridden")
@@ -323,6 +328,7 @@ def promote(
             problems.append(
                 f"version {version} has validation AUC {new} below {alias} v{previous} ({held})"
             )
+    problems += [f"version {version}: {p}" for p in gate.problems(candidate.tags.get(gate.TAG))]
     if problems and not force:
         raise RegistryError("; ".join(problems) + " (use --force --reason to override)")
     event = _move_alias(

@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=.venv/bin/thyroid-cad
-export THYROID_CAD_HOME=${THYROID_CAD_HOME:-.thyroid-cad}
+# Absolute, so the commands printed below work from any folder.
+THYROID_CAD_HOME=$(realpath -m "${THYROID_CAD_HOME:-.thyroid-cad}")
+export THYROID_CAD_HOME
 DEMO=$THYROID_CAD_HOME/demo-data
 PORT=${PORT:-8000}
 
@@ -27,7 +29,9 @@ cat <<MSG
          "http://127.0.0.1:$PORT/v1/predict?heatmap=none"
 
   Page for clinicians: http://127.0.0.1:$PORT/  (API key above)   API docs: /docs
-  MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///$THYROID_CAD_HOME/mlflow.db
+  MLflow UI: $PWD/.venv/bin/mlflow ui --backend-store-uri sqlite:///$THYROID_CAD_HOME/mlflow.db
+  The thyroid-cad command (README): source $PWD/.venv/bin/activate
+                                    export THYROID_CAD_HOME=$THYROID_CAD_HOME
 
 MSG
 exec $T serve --port "$PORT"

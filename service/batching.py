@@ -90,24 +90,36 @@ class Batcher:
 
     @property
     def queued(self) -> int:
+        """Frames waiting now."""
         return self._queued_frames
+
+    def describe(self) -> dict:
+        """The policy in the units of the settings, and the queue now (for /v1/models)."""
+        return {
+            "max_batch_size": self.policy.max_batch_size,
+            "max_queue_delay_ms": self.policy.max_queue_delay_s * 1e3,
+            "max_queue_size": self.policy.max_queue_size,
+            "queued": self._queued_frames,
+        }
 
     def submit(self, frames: np.ndarray) -> Result:
         """Run `frames` (N x S x S x 3 uint8) in some batch; blocks until done."""
         request = _Request(frames)
         with self._cond:
-            if self._closed:
-                probs, maps = self._run(frames)
-                return Result(probs, maps, 0.0, len(frames))
-            if self._queued_frames + len(frames) > self.policy.max_queue_size and self._queue:
-                per_frame = self._busy_s / max(self.policy.max_batch_size, 1)
-                wait = per_frame * self._queued_frames
-                raise Overloaded(
-                    self._queued_frames, self.policy.max_queue_size, max(1, round(wait))
-                )
-            self._queue.append(request)
-            self._queued_frames += len(frames)
-            self._cond.notify()
+            closed = self._closed
+            if not closed:
+                if self._queued_frames + len(frames) > self.policy.max_queue_size and self._queue:
+                    per_frame = self._busy_s / max(self.policy.max_batch_size, 1)
+                    wait = per_frame * self._queued_frames
+                    raise Overloaded(
+                        self._queued_frames, self.policy.max_queue_size, max(1, round(wait))
+                    )
+                self._queue.append(request)
+                self._queued_frames += len(frames)
+                self._cond.notify()
+        if closed:  # outside the lock: the worker may still be draining the queue
+            probs, maps = self._run(frames)
+            return Result(probs, maps, 0.0, len(frames))
         request.done.wait()
         if request.error is not None:
             raise request.error
@@ -149,26 +161,30 @@ class Batcher:
 
     def _work(self) -> None:
         while (batch := self._take()) is not None:
-            start = time.perf_counter()
             try:
-                frames = (
-                    batch[0].frames
-                    if len(batch) == 1
-                    else np.concatenate([r.frames for r in batch])
-                )
-                probs, maps = self._run(frames)
+                self._serve(batch)
             except BaseException as e:  # noqa: BLE001 - handed to every waiting request
                 for r in batch:
-                    r.error = e
-                    r.done.set()
-                continue
-            took = time.perf_counter() - start
+                    if not r.done.is_set():
+                        r.error = e
+                        r.done.set()
+
+    def _serve(self, batch: list[_Request]) -> None:
+        """Run one batch and hand each request its rows."""
+        start = time.perf_counter()
+        frames = batch[0].frames if len(batch) == 1 else np.concatenate([r.frames for r in batch])
+        probs, maps = self._run(frames)
+        took = time.perf_counter() - start
+        self._busy_s = 0.8 * self._busy_s + 0.2 * took if self._busy_s else took
+        outputs, row = [], 0
+        for r in batch:  # split first: a malformed output fails every request alike
+            n = len(r.frames)
+            outputs.append((probs[row : row + n], None if maps is None else maps[row : row + n]))
+            row += n
+        for r, out in zip(batch, outputs, strict=True):
+            r.outputs, r.queue_s, r.batch_size = out, start - r.enqueued, len(frames)
+            r.done.set()
+        try:
             self._on_batch(len(frames), took)
-            self._busy_s = 0.8 * self._busy_s + 0.2 * took if self._busy_s else took
-            row = 0
-            for r in batch:
-                n = len(r.frames)
-                r.outputs = (probs[row : row + n], None if maps is None else maps[row : row + n])
-                r.queue_s, r.batch_size = start - r.enqueued, len(frames)
-                row += n
-                r.done.set()
+        except Exception:  # noqa: BLE001 - metrics must never stop inference
+            log.exception("batch hook failed for %s", self.name)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+import onnxruntime as ort
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.models import GRAPH_OPTIMIZATION, Runtime
+from service.models import GRAPH_OPTIMIZATION, GraphOptimization, IoBinding, Runtime
 from thyroid_cad import settings as paths
 
 
@@ -25,10 +27,11 @@ class Settings(BaseSettings):
     extra_aliases: list[str] = Field(
         ["challenger"], description="Other aliases kept loaded when they exist."
     )
-    poll_interval_s: float = Field(30.0, description="How often the aliases are re-resolved.")
-    max_loaded_models: int = Field(4, description="Bound on sessions held in memory.")
+    poll_interval_s: float = Field(30.0, gt=0, description="How often the aliases are re-resolved.")
+    max_loaded_models: int = Field(4, ge=1, description="Bound on sessions held in memory.")
     providers: list[str] = Field(
         ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        min_length=1,
         description="onnxruntime providers, in order of preference.",
     )
     database_url: str = Field(
@@ -48,8 +51,8 @@ class Settings(BaseSettings):
     )
     public_health: bool = Field(True, description="Health and readiness routes need no key.")
     public_metrics: bool = Field(True, description="/metrics needs no key.")
-    max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted upload.")
-    max_image_pixels: int = Field(40_000_000, description="Largest accepted width x height.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted upload.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted width x height.")
     # Batching and onnxruntime (service/batching.py, docs/benchmarks.md for the defaults).
     max_batch_size: int | None = Field(
         None, ge=1, description="Frames per onnxruntime call; unset: 1 on CPU, 16 on GPU."
@@ -62,10 +65,46 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: auto).")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: auto).")
-    graph_optimization: str = Field(
+    graph_optimization: GraphOptimization = Field(
         "all", description=f"onnxruntime graph optimisation: {', '.join(GRAPH_OPTIMIZATION)}."
     )
-    io_binding: str = Field("auto", description="auto (on with CUDA), on or off.")
+    io_binding: IoBinding = Field("auto", description="auto (on with CUDA), on or off.")
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, providers: list[str]) -> list[str]:
+        known = ort.get_all_providers()
+        unknown = [p for p in providers if p not in known]
+        if unknown:
+            raise ValueError(f"unknown onnxruntime provider(s) {unknown}; known: {known}")
+        return providers
+
+    # The PACS gateway, `thyroid-cad pacs` (docs/integration.md).
+    pacs_dicomweb_url: str = Field(
+        "", description="DICOMweb root of the PACS, e.g. http://orthanc:8042/dicom-web."
+    )
+    pacs_orthanc_url: str = Field(
+        "", description="Orthanc REST root: watch its change feed; empty: poll QIDO-RS."
+    )
+    pacs_username: str = Field("", description="HTTP basic auth user for the PACS (optional).")
+    pacs_password: SecretStr = Field(SecretStr(""), description="Its password.")
+    pacs_poll_interval_s: float = Field(5.0, gt=0, description="Pause between polls when idle.")
+    pacs_backoff_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between retries while the PACS is down."
+    )
+    pacs_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout of one PACS request.")
+    pacs_start: Literal["first", "latest"] = Field(
+        "first",
+        description="Where a new model version starts reading the change feed: first "
+        "(every instance is scored again) or latest (new instances only).",
+    )
+    pacs_modality: str = Field("US", description="QIDO-RS: the modality searched for.")
+    pacs_lookback_days: int = Field(
+        7, ge=0, description="QIDO-RS: studies of the last N days (0: all)."
+    )
+    pacs_frame: int | None = Field(
+        None, ge=1, description="Multi-frame instances: the frame scored (default the first)."
+    )
 
     def audit_url(self) -> str:
         if self.database_url:
@@ -78,10 +117,6 @@ class Settings(BaseSettings):
 
     def runtime(self) -> Runtime:
         """How models run: providers, session options, and the batch policy."""
-        if self.graph_optimization not in GRAPH_OPTIMIZATION:
-            raise ValueError(f"graph_optimization must be one of {list(GRAPH_OPTIMIZATION)}")
-        if self.io_binding not in ("auto", "on", "off"):
-            raise ValueError("io_binding must be auto, on or off")
         return Runtime(
             providers=tuple(self.providers),
             intra_op_threads=self.intra_op_threads,
@@ -94,6 +129,33 @@ class Settings(BaseSettings):
         )
 
 
+class SettingsError(ValueError):
+    """The environment holds a setting the service cannot run with."""
+
+
+def explain(error: ValidationError) -> str:
+    """One line per bad setting, named as the environment variable that holds it."""
+    lines = []
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        where = field.split(".")[0] if field else ""
+        message = e["msg"].removeprefix("Value error, ")
+        if not where:  # a check across settings names them itself
+            lines.append(message)
+            continue
+        name = "DATABASE_URL" if where == "database_url" else f"THYROID_CAD_{where.upper()}"
+        lines.append(f"{name}={e['input']!r}: {message}")
+    return "invalid service settings:\n  " + "\n  ".join(lines)
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The process's settings from the environment.
+
+    Raises:
+        SettingsError: a variable holds a bad value, said plainly (no pydantic dump).
+    """
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise SettingsError(explain(e)) from None

@@ -1,8 +1,9 @@
 """The service's SQL database: engine, tables and migrations (SQLAlchemy 2, Alembic).
 
-SQLite or PostgreSQL. Two tables share it: ``requests`` (the audit trail, see
-service/audit.py) and ``api_keys`` (see service/keys.py). Nothing is created at import
-time: no engine, no settings.
+SQLite or PostgreSQL. Tables: ``requests`` (the audit trail, see service/audit.py),
+``api_keys`` (see service/keys.py), and the PACS gateway's ledger ``pacs_instances`` and
+``pacs_cursors`` (see service/ledger.py). Nothing is created at import time: no engine,
+no settings.
 """
 
 from __future__ import annotations
@@ -103,6 +104,36 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class PacsInstance(Base):
+    """What the PACS gateway did with one instance for one model version.
+
+    The instance is known by the SHA-256 of its SOP Instance UID only: no patient data,
+    no UID in clear. The SR's own UID is ours (generated), so it is kept as is.
+    """
+
+    __tablename__ = "pacs_instances"
+
+    instance_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model_version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # scored, skipped, failed
+    reason: Mapped[str | None] = mapped_column(String(200))
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(100))
+    probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class PacsCursor(Base):
+    """How far the gateway has read a PACS's change feed, per source and model version."""
+
+    __tablename__ = "pacs_cursors"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    position: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 def _utcnow() -> datetime:

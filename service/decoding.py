@@ -1,9 +1,12 @@
 """Uploads -> RGB pixels, safely: sniffed by magic bytes, size- and pixel-bounded.
 
-PNG, JPEG, BMP, TIFF through Pillow; DICOM through pydicom (first frame, VOI LUT,
-MONOCHROME1 inverted). Nothing from a DICOM header leaves this module: the caller
-gets pixels and dimensions only, so no patient-identifying tag can reach a log or
-the audit store.
+PNG, JPEG, BMP, TIFF through Pillow (upright RGB and grey JPEGs through simplejpeg:
+the same libjpeg-turbo pixels in about half the time); DICOM through pydicom (see
+_dicom: one frame, compressed transfer syntaxes, VOI LUT, MONOCHROME1 inverted, YBR
+and palette colour to RGB, cropped to the ultrasound image region). Nothing from a
+DICOM header leaves this module: the caller gets pixels, dimensions, the frame number
+and the crop offset only, so no patient-identifying tag can reach a log or the audit
+store.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from service.errors import ApiError
@@ -32,6 +36,10 @@ _MAGIC = (
 class Decoded:
     rgb: np.ndarray  # uint8 H x W x 3
     content_type: str  # what the bytes are, not what the client claimed
+    # DICOM: the 1-based frame decoded (None for single-frame images) and where `rgb`
+    # starts in that frame (row, column): non-zero when cropped to the ultrasound region.
+    frame: int | None = None
+    origin: tuple[int, int] = (0, 0)
 
 
 def sniff(data: bytes) -> str:
@@ -47,16 +55,24 @@ def sniff(data: bytes) -> str:
     )
 
 
-def decode(data: bytes, max_pixels: int) -> Decoded:
-    """Decode an upload or raise ApiError (4xx) saying what is wrong with it."""
+def decode(data: bytes, max_pixels: int, frame: int | None = None) -> Decoded:
+    """Decode an upload or raise ApiError (4xx) saying what is wrong with it.
+
+    `frame` (1-based) picks a frame of a multi-frame DICOM; default the first.
+    """
     if not data:
         raise ApiError(400, "empty_file", "the uploaded file is empty")
     kind = sniff(data)
-    rgb = _dicom(data, max_pixels) if kind == "application/dicom" else _pillow(data, max_pixels)
-    h, w = rgb.shape[:2]
+    if kind == "application/dicom":
+        decoded = _dicom(data, max_pixels, frame)
+    else:
+        if frame not in (None, 1):
+            raise _no_such_frame(frame, 1)
+        decoded = Decoded(_pillow(data, max_pixels), kind)
+    h, w = decoded.rgb.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise ApiError(400, "image_too_small", f"image is {w}x{h}; at least {MIN_SIDE} px a side")
-    return Decoded(rgb, kind)
+    return decoded
 
 
 def _too_large(w: int, h: int, max_pixels: int) -> ApiError:
@@ -73,6 +89,9 @@ def _pillow(data: bytes, max_pixels: int) -> np.ndarray:
             w, h = image.size
             if w * h > max_pixels:
                 raise _too_large(w, h, max_pixels)
+            fast = _fast_jpeg(image, data)
+            if fast is not None:
+                return fast
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 image.seek(0)
@@ -88,6 +107,37 @@ def _pillow(data: bytes, max_pixels: int) -> np.ndarray:
         ) from e
 
 
+def _fast_jpeg(image: Image.Image, data: bytes) -> np.ndarray | None:
+    """An upright RGB or grey JPEG decoded by simplejpeg, else None (Pillow decodes it).
+
+    Pillow and simplejpeg both run libjpeg-turbo with the accurate DCT and fancy
+    upsampling, so the pixels are identical (tests/test_decoding_speed.py checks it);
+    simplejpeg skips Pillow's copies. CMYK and EXIF-rotated files keep Pillow's
+    handling. strict=True turns libjpeg's "premature end of file" into ValueError, as
+    Pillow refuses truncated files.
+    """
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return None
+    if image.getexif().get(imaging.EXIF_ORIENTATION, 1) != 1:
+        return None
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+
+
+# -- DICOM ------------------------------------------------------------------------------
+# RegionSpatialFormat 1 (2D) and RegionDataType 1 (tissue) of SequenceOfUltrasoundRegions:
+# the B-mode image area (PS3.3 C.8.5.5.1.1-2); rulers, text and the scanner's frame lie
+# outside it.
+_US_2D, _US_TISSUE = 1, 1
+
+
+def _no_such_frame(frame: int, frames: int) -> ApiError:
+    return ApiError(
+        400,
+        "frame_out_of_range",
+        f"frame {frame} requested; the image has {frames} frame(s), numbered from 1",
+    )
+
+
 def _grey_to_rgb(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
     """Modality/VOI LUT, window to 0-255, MONOCHROME1 inverted, grey -> RGB."""
     from pydicom.pixels import apply_voi_lut
@@ -101,17 +151,82 @@ def _grey_to_rgb(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
     return np.repeat(g[:, :, None], 3, axis=2)
 
 
-def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
+def _colour_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """RGB samples (YBR already converted by pydicom, palette already applied) -> uint8."""
+    if pixels.dtype != np.uint8:
+        if pixels.max(initial=0) > 255:  # 16-bit samples or palette entries
+            pixels = np.rint(pixels.astype(np.float64) * (255.0 / 65535.0))
+        pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(pixels)
+
+
+def ultrasound_region(ds, rows: int, cols: int) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) of the largest 2D tissue region, clipped to the frame.
+
+    None when the dataset declares no usable one (absent, malformed, or under MIN_SIDE
+    once clipped): the whole frame is used then.
+    """
+    best: tuple[int, tuple[int, int, int, int]] | None = None
+    for region in ds.get("SequenceOfUltrasoundRegions") or []:
+        try:
+            if int(region.RegionSpatialFormat) != _US_2D:
+                continue
+            if int(region.RegionDataType) != _US_TISSUE:
+                continue
+            x0, y0 = int(region.RegionLocationMinX0), int(region.RegionLocationMinY0)
+            x1, y1 = int(region.RegionLocationMaxX1), int(region.RegionLocationMaxY1)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        top, left = max(0, min(y0, y1)), max(0, min(x0, x1))
+        bottom, right = min(rows, max(y0, y1) + 1), min(cols, max(x0, x1) + 1)  # inclusive
+        if bottom - top < MIN_SIDE or right - left < MIN_SIDE:
+            continue
+        area = (bottom - top) * (right - left)
+        if best is None or area > best[0]:
+            best = (area, (top, left, bottom, right))
+    return None if best is None else best[1]
+
+
+def _supported_syntaxes() -> str:
+    """Names of the transfer syntaxes the installed decoders handle (for error messages)."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID, AllTransferSyntaxes
+
+    names = []
+    for uid in AllTransferSyntaxes:
+        try:
+            if get_decoder(UID(uid)).is_available:
+                names.append(UID(uid).name)
+        except (NotImplementedError, ValueError):
+            continue
+    return "; ".join(names)
+
+
+def _dicom(data: bytes, max_pixels: int, frame: int | None) -> Decoded:
+    """One frame of a DICOM file as RGB, cropped to its ultrasound image region.
+
+    Frame policy: `frame` (1-based), default the first; only that frame is decoded.
+    Pixel data in any transfer syntax the installed decoders handle (native, RLE,
+    JPEG baseline/extended and JPEG 2000 through Pillow, JPEG-LS through pyjpegls);
+    others are a 415 that names the syntax. Overlays (60xx) are never burned in, and
+    the crop to the tissue region of SequenceOfUltrasoundRegions leaves the scanner's
+    burned-in annotation outside the image as far as the region excludes it.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_color_lut, pixel_array
 
+    syntax = "unknown"
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        syntax = getattr(syntax, "name", None) or str(syntax)
         rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if rows * cols > max_pixels:
             raise _too_large(cols, rows, max_pixels)
-        if rows * cols * frames > 4 * max_pixels:  # every frame is decoded: bound them all
+        # One frame is decoded, but a header claiming this much is a bomb, not a cine loop.
+        if rows * cols * frames > 4 * max_pixels:
             raise ApiError(
                 413,
                 "image_too_large",
@@ -119,12 +234,22 @@ def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
             )
         if "PixelData" not in ds:
             raise ApiError(400, "dicom_without_pixels", "the DICOM file holds no image")
-        pixels = ds.pixel_array
-        if frames > 1:
-            pixels = pixels[0]  # the first frame of a cine loop
+        number = 1 if frame is None else frame
+        if not 1 <= number <= frames:
+            raise _no_such_frame(number, frames)
+        pixels = pixel_array(ds, index=number - 1)
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        if pixels.ndim == 2 and photometric == "PALETTE COLOR":
+            pixels = apply_color_lut(pixels, ds)
         if pixels.ndim == 2:
-            return _grey_to_rgb(pixels, ds, photometric)
+            rgb = _grey_to_rgb(pixels, ds, photometric)
+        elif pixels.ndim == 3 and pixels.shape[-1] == 3:
+            rgb = _colour_to_rgb(pixels)
+        else:
+            raise ApiError(
+                415, "unsupported_dicom", f"DICOM pixel layout {pixels.shape} not supported"
+            )
+        region = ultrasound_region(ds, rgb.shape[0], rgb.shape[1])
     except ApiError:
         raise
     except (
@@ -139,14 +264,15 @@ def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
         raise ApiError(
             400, "corrupt_dicom", f"the DICOM file cannot be read ({type(e).__name__})"
         ) from e
-    except (NotImplementedError, RuntimeError) as e:  # compressed syntax without a decoder
+    except (NotImplementedError, RuntimeError) as e:  # no decoder, or the decoder failed
         raise ApiError(
             415,
             "unsupported_dicom",
-            "DICOM transfer syntax not supported here or pixel data corrupt",
+            f"DICOM pixel data in {syntax} cannot be decoded here (no decoder installed, "
+            f"or the pixel data is corrupt); decodable here: {_supported_syntaxes()}",
         ) from e
-    if pixels.ndim == 3 and pixels.shape[-1] == 3:
-        if pixels.dtype != np.uint8:
-            pixels = np.clip(pixels, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(pixels)
-    raise ApiError(415, "unsupported_dicom", f"DICOM pixel layout {pixels.shape} not supported")
+    if region is not None:
+        top, left, bottom, right = region
+        rgb = np.ascontiguousarray(rgb[top:bottom, left:right])
+    origin = (0, 0) if region is None else (region[0], region[1])
+    return Decoded(rgb, "application/dicom", number if frames > 1 else None, origin)

@@ -27,6 +27,8 @@ class Prepared:
     content_type: str
     decode_s: float
     prepare_s: float
+    frame: int | None = None  # the multi-frame DICOM frame used (1-based)
+    origin: tuple[int, int] = (0, 0)  # (row, col) of `rgb` in that frame (DICOM region crop)
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,26 @@ class Scored:
     batch_size: int
 
 
-def prepare(data: bytes, size: int, max_pixels: int) -> Prepared:
-    """Decode (ApiError 4xx on bad bytes) and make the S x S model input."""
+def prepare(data: bytes, size: int, max_pixels: int, frame: int | None = None) -> Prepared:
+    """Decode (ApiError 4xx on bad bytes) and make the S x S model input.
+
+    `frame`: which frame of a multi-frame DICOM (1-based; default the first).
+    """
     t0 = time.perf_counter()
-    decoded = decoding.decode(data, max_pixels)
+    decoded = decoding.decode(data, max_pixels, frame)
     t1 = time.perf_counter()
     square, geometry = imaging.prepare_with_geometry(decoded.rgb, size)
     t2 = time.perf_counter()
-    return Prepared(decoded.rgb, square, geometry, decoded.content_type, t1 - t0, t2 - t1)
+    return Prepared(
+        decoded.rgb,
+        square,
+        geometry,
+        decoded.content_type,
+        t1 - t0,
+        t2 - t1,
+        decoded.frame,
+        decoded.origin,
+    )
 
 
 def decide(card: dict, probs: np.ndarray) -> PredictionOut:
@@ -97,6 +111,8 @@ def score(model: LoadedModel, prepared: Prepared) -> Scored:
     )
 
 
-def score_bytes(model: LoadedModel, data: bytes, max_pixels: int) -> Scored:
+def score_bytes(
+    model: LoadedModel, data: bytes, max_pixels: int, frame: int | None = None
+) -> Scored:
     """Decode, prepare and score one encoded image (PNG, JPEG, BMP, TIFF, DICOM)."""
-    return score(model, prepare(data, model.input_size, max_pixels))
+    return score(model, prepare(data, model.input_size, max_pixels, frame))

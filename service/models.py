@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -28,7 +29,9 @@ from thyroid_cad.files import sha256_file
 log = logging.getLogger(__name__)
 
 
-GRAPH_OPTIMIZATION = {
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+IoBinding = Literal["auto", "on", "off"]  # auto: on with the CUDA provider
+GRAPH_OPTIMIZATION: dict[GraphOptimization, ort.GraphOptimizationLevel] = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -48,8 +51,8 @@ class Runtime:
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_threads: int = 0
-    graph_optimization: str = "all"
-    io_binding: str = "auto"  # auto: on with the CUDA provider; on; off
+    graph_optimization: GraphOptimization = "all"
+    io_binding: IoBinding = "auto"
     max_batch_size: int | None = None  # None: DEFAULT_BATCH by the provider in use
     max_queue_delay_s: float = 0.002
     max_queue_size: int = 64
@@ -144,6 +147,8 @@ class LoadedModel:
             "providers": list(self.providers),
             "loaded_at": self.loaded_at,
             "from_cache": self.from_cache,
+            "io_binding": self.io_binding,
+            "batching": None if self.batcher is None else self.batcher.describe(),
             "card": self.card,
         }
 

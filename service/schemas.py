@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+# The largest model version, audit offset or model_version filter accepted: the SQL
+# INTEGER the registry and the audit database store (larger values are refused as bad
+# input, not passed on to fail inside a driver).
+SQL_INT_MAX = 2**31 - 1
+
 DISCLAIMER = (
     "Research software: not for diagnostic use. The probabilities and heatmap support, "
     "and never replace, the judgement of a qualified clinician."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,6 +11,16 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`fuzz` tests (long schemathesis runs) run only when asked for: `-m fuzz`."""
+    if "fuzz" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="long fuzz run: select it with -m fuzz")
+    for item in items:
+        if "fuzz" in item.keywords:
+            item.add_marker(skip)
 
 
 def _shared_dataset(name: str) -> Path:
@@ -150,3 +161,49 @@ def served_module(session_home, tiny_export, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         _isolate(mp, session_home)
         yield make_served(tiny_export, tmp_path_factory.mktemp("served"), "module")
+
+
+@pytest.fixture(scope="session")
+def run_server():
+    """`with run_server(app) as base_url:` the app served over real HTTP (see below)."""
+    return running_server
+
+
+@contextlib.contextmanager
+def running_server(app, ready_path: str = "/v2/health/ready"):
+    """`app` under uvicorn in a background thread on a free 127.0.0.1 port, ready.
+
+    Yields the base URL (http://127.0.0.1:PORT); stops the server on exit.
+    """
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(base + ready_path, timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert thread.is_alive(), "uvicorn exited during start-up"
+        assert time.monotonic() < deadline, "the service did not become ready in 60 s"
+        time.sleep(0.1)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"

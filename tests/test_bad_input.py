@@ -378,6 +378,28 @@ BAD = {
         422, "invalid_request", upload(_png, query="?heatmap=bogus"), audited=False
     ),
     "class-zebra": Bad(400, "unknown_class", upload(_png, query="?class=zebra")),
+    "class-empty": Bad(422, "invalid_request", upload(_png, query="?class="), audited=False),
+    "alias-empty": Bad(422, "invalid_request", upload(_png, query="?alias="), audited=False),
+    # the pinned-version route: a version is a positive SQL INTEGER (fuzzer: -1 was a 500)
+    **{
+        f"version-{name}": Bad(
+            422,
+            "invalid_request",
+            lambda v=version: {
+                "method": "POST",
+                "url": f"/v1/models/any-model/versions/{v}/predict",
+                "files": {"file": ("x.png", _png(), "image/png")},
+            },
+            audited=False,
+        )
+        for name, version in {
+            "minus-1": -1,
+            "zero": 0,
+            "over-sql-integer": 2**31,
+            "huge": 10**20,
+            "not-a-number": "latest",
+        }.items()
+    },
     "unknown-alias": Bad(404, "alias_not_found", upload(_png, query="?alias=no-such-alias")),
     "get-instead-of-post": Bad(
         405,
@@ -431,6 +453,73 @@ def test_bad_input_is_a_clean_4xx_and_audited(service, case):
     if case.audited:
         assert after == before + 1
         _assert_audited(rows[0], case, data, service)
+
+
+NEEDS_NO_KEY = {"get-instead-of-post"}  # refused by routing, before any route runs
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for n, c in BAD.items() if n not in NEEDS_NO_KEY],
+    ids=[n for n in BAD if n not in NEEDS_NO_KEY],
+)
+def test_without_a_key_every_bad_request_is_401_before_its_body_is_read(service, case):
+    """The key is checked first (deps.auth_first): a client without one learns nothing
+    about its upload, and nothing is parsed, decoded or audited for it."""
+    _, before = _newest_audit_rows(service)
+    request = case.request()
+    headers = request.pop("headers", {})
+    for auth, code in (({}, "missing_api_key"), (_auth("tcad_nope_nope"), "invalid_api_key")):
+        response = service.client.request(headers={**headers, **auth}, **request)
+        _assert_clean_error(response, Bad(401, code, case.request))
+    assert _newest_audit_rows(service)[1] == before
+
+
+def test_a_malformed_multipart_body_without_a_key_is_401(service):
+    """The fuzzer's case: the body is unparsable and the key is missing; the key wins."""
+    response = service.client.post(
+        "/v1/predict",
+        content=b"--x\r\nContent-Disposition: form-data; name=file\r\n\r\nabc",
+        headers={"content-type": "multipart/form-data"},
+    )
+    _assert_clean_error(response, Bad(401, "missing_api_key", raw()))
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ("start=0.5", 422, "invalid_request"),
+        ("end=yesterday", 422, "invalid_request"),
+        ("start=2026-02-30", 400, "invalid_datetime"),
+        (
+            "start=2026-01-01T00:00:00%2B23:59&end=0001-01-01T00:00:00%2B23:59",
+            400,
+            "invalid_datetime",
+        ),
+        ("end=9999-12-31T23:59:59-23:59", 400, "invalid_datetime"),
+        ("model_version=0", 422, "invalid_request"),
+        ("model_version=99999999999999999999", 422, "invalid_request"),
+        ("offset=-1", 422, "invalid_request"),
+        ("offset=2147483648", 422, "invalid_request"),
+        ("limit=0", 422, "invalid_request"),
+        ("limit=501", 422, "invalid_request"),
+        ("label=", 422, "invalid_request"),
+    ],
+)
+def test_bad_audit_queries_are_4xx_not_a_database_outage(service, query, status, code):
+    response = service.client.get(f"/v1/requests?{query}", headers=_auth(service.admin_key))
+    _assert_clean_error(response, Bad(status, code, raw()))
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["start=2026-01-01", "start=2026-01-01T00:00:00Z", "end=2999-01-01T00:00:00.5%2B02:00",
+     "start=0001-01-01T00:00:00-01:00"],
+)  # fmt: skip
+def test_good_audit_queries_are_answered(service, query):
+    response = service.client.get(f"/v1/requests?{query}", headers=_auth(service.admin_key))
+    assert response.status_code == 200, response.text
+    assert set(response.json()) == {"total", "limit", "offset", "requests"}
 
 
 def test_the_server_keeps_serving_after_the_whole_corpus(service):

@@ -419,7 +419,7 @@ def compose_config(
 ) -> subprocess.CompletedProcess:
     env_file = tmp_path / f"env-{uuid.uuid4().hex[:6]}"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    args = [*argv, "--env-file", str(env_file), "--profile", "train"]
+    args = [*argv, "--env-file", str(env_file), "--profile", "train", "--profile", "pacs"]
     for path in files:
         args += ["-f", str(path)]
     # A bare environment: the process's variables would take precedence over the env file.
@@ -437,14 +437,15 @@ def _gpu_devices(service: dict) -> list[dict]:
 
 def _check_rendered(config: dict, model: dict, gpu: bool, label: str) -> None:
     services = config["services"]
-    assert set(services) == {"postgres", "mlflow", "api", "trainer"}, label
+    assert set(services) == {"postgres", "mlflow", "api", "trainer", "pacs-gateway"}, label
     for name in GPU_SERVICES:
         devices = _gpu_devices(services[name])
         if gpu:
             assert devices and devices[0]["driver"] == "nvidia", f"{label}: {name} has no GPU"
         else:
             assert not devices, f"{label}: {name} still reserves a GPU: {devices}"
-    for name in ("postgres", "mlflow", "api"):
+    assert not _gpu_devices(services["pacs-gateway"]), f"{label}: the gateway runs on CPU"
+    for name in ("postgres", "mlflow", "api", "pacs-gateway"):
         assert services[name]["healthcheck"]["test"], f"{label}: {name} has no healthcheck"
     assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
     assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
@@ -459,11 +460,15 @@ def _check_rendered(config: dict, model: dict, gpu: bool, label: str) -> None:
         ("api", "postgres"): "service_healthy",
         ("api", "mlflow"): "service_started",  # the api serves its cache while MLflow is down
         ("trainer", "mlflow"): "service_healthy",
+        ("pacs-gateway", "postgres"): "service_healthy",
+        ("pacs-gateway", "mlflow"): "service_started",  # like the api: cached champion
     }, label
     assert services["trainer"].get("profiles", ["train"]) == ["train"], label
+    assert services["pacs-gateway"].get("profiles", ["pacs"]) == ["pacs"], label
+    assert "pacs-heartbeat" in " ".join(services["pacs-gateway"]["healthcheck"]["test"])
     assert "profiles" not in services["api"], label
     # Compose's rendering is the one the end-to-end test runs.
-    for name in ("mlflow", "api", "trainer"):
+    for name in ("mlflow", "api", "trainer", "pacs-gateway"):
         got, want = services[name], model["services"][name]
         assert {k: str(v) for k, v in got.get("environment", {}).items()} == {
             k: str(v) for k, v in want.get("environment", {}).items()

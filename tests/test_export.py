@@ -38,6 +38,11 @@ def test_export_writes_graph_and_card(tiny_export):
     assert 0 < card["threshold"] < 1 and card["calibration"]["temperature"] > 0
     assert card["metrics"]["test"]["auc_ci_low"] <= card["metrics"]["test"]["auc"]
     assert card["source_run_id"] and card["training_data_fingerprint"]
+    # The run's source numbers, for the shortcut gate: one source, its AUC is the pooled one.
+    robust = card["source_robustness"]
+    assert robust["sources"]["256x256"]["auc"] == card["metrics"]["test"]["auc"]
+    assert robust["robust_score"] == card["metrics"]["test"]["auc"]
+    assert robust["shortcut_floor"]["auc"] == card["shortcut_auc"] == 0.5
     sess = _session(tiny_export / "model.onnx")
     (inp,) = sess.get_inputs()
     assert inp.name == "image" and inp.type == "tensor(uint8)" and inp.shape[1:] == [64, 64, 3]

@@ -11,9 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
-import time
 from types import SimpleNamespace
 
 import httpx
@@ -21,7 +18,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
-import uvicorn
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -41,51 +37,24 @@ def _png(label: str = "malignant", seed: int = 0, size: int = 160) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(served_module):
+def server(served_module, run_server):
     """The service under uvicorn on 127.0.0.1:<free port>, for the whole module
     (conftest's make_served: champion from the tiny export, SQLite audit, two keys)."""
-    name, version, settings = served_module.name, served_module.version, served_module.settings
-    predict_key, admin_key = served_module.predict_key, served_module.admin_key
-    tiny_export = served_module.export
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert thread.is_alive(), "uvicorn exited during start-up"
-        assert time.monotonic() < deadline, "the service did not become ready in 60 s"
-        time.sleep(0.1)
-    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
-    card = json.loads((tiny_export / "model_card.json").read_text())
-    try:
+    card = json.loads((served_module.export / "model_card.json").read_text())
+    with run_server(create_app(served_module.settings)) as base:
+        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
         yield SimpleNamespace(
-            url=f"127.0.0.1:{port}",
+            url=base.removeprefix("http://"),
             base=base,
-            name=name,
-            version=version,
-            predict_key=predict_key,
-            admin_key=admin_key,
-            export=tiny_export,
+            name=served_module.name,
+            version=served_module.version,
+            predict_key=served_module.predict_key,
+            admin_key=served_module.admin_key,
+            export=served_module.export,
             card=card,
             size=int(card["input_size"]),
             classes=card["class_names"],
         )
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-    assert not thread.is_alive(), "uvicorn did not stop"
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +75,13 @@ def _auth(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
+def _infer(server, headers: dict | None = None, **request) -> httpx.Response:
+    """POST /v2/models/{name}/infer with httpx (the predict key unless headers say)."""
+    url = f"{server.base}/v2/models/{server.name}/infer"
+    headers = _auth(server.predict_key) if headers is None else headers
+    return httpx.post(url, headers=headers, timeout=60, **request)
+
+
 def _frames(server, n: int = 3) -> np.ndarray:
     labels = ["benign", "malignant"]
     return np.stack(
@@ -117,6 +93,12 @@ def _uint8_input(batch: np.ndarray, binary: bool) -> triton.InferInput:
     tensor = triton.InferInput("image", list(batch.shape), "UINT8")
     tensor.set_data_from_numpy(batch, binary_data=binary)
     return tensor
+
+
+def _uint8_json(batch: np.ndarray, nested: bool = False) -> dict:
+    """The UINT8 input tensor in JSON: its values flat (row-major) or nested."""
+    data = batch.tolist() if nested else batch.ravel().tolist()
+    return {"name": "image", "datatype": "UINT8", "shape": list(batch.shape), "data": data}
 
 
 def _bytes_input(files: list[bytes]) -> triton.InferInput:
@@ -249,12 +231,7 @@ def test_json_bytes_as_base64_strings_with_httpx(server):
         ],
         "outputs": [{"name": "probabilities"}],
     }
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json=body,
-        headers=_auth(server.predict_key),
-        timeout=60,
-    )
+    r = _infer(server, json=body)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["id"] == "b64" and [o["name"] for o in out["outputs"]] == ["probabilities"]
@@ -270,32 +247,14 @@ def test_json_bytes_as_base64_strings_with_httpx(server):
         np.testing.assert_allclose(got[i], [v1[c] for c in server.classes], atol=1e-5)
 
     bad = {**body, "inputs": [{**body["inputs"][0], "data": ["not base64!"]}]}
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json=bad,
-        headers=_auth(server.predict_key),
-    )
+    r = _infer(server, json=bad)
     assert r.status_code == 400 and r.json()["error"].startswith("invalid_tensor:")
 
 
 def test_json_uint8_nested_data_with_httpx(server, onnx_session):
     batch = _frames(server, n=1)
-    body = {
-        "inputs": [
-            {
-                "name": "image",
-                "datatype": "UINT8",
-                "shape": list(batch.shape),
-                "data": batch.tolist(),
-            }  # fmt: skip
-        ]
-    }
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json=body,
-        headers=_auth(server.predict_key),
-        timeout=60,
-    )
+    body = {"inputs": [_uint8_json(batch, nested=True)]}
+    r = _infer(server, json=body)
     assert r.status_code == 200, r.text
     outputs = {o["name"]: o for o in r.json()["outputs"]}
     got = np.asarray(outputs["probabilities"]["data"]).reshape(outputs["probabilities"]["shape"])
@@ -362,9 +321,7 @@ def test_too_few_values_for_the_shape_is_400(server):
     s = server.size
     body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, s, s, 3],
                         "data": [0] * (s * s * 3)}]}  # fmt: skip
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer", json=body, headers=_auth(server.predict_key)
-    )
+    r = _infer(server, json=body)
     assert r.status_code == 400 and r.json()["error"].startswith("invalid_shape:")
 
 
@@ -422,15 +379,180 @@ def test_infer_needs_a_predict_key(client, server):
 
 
 def test_invalid_json_body_is_400(server):
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
+    r = _infer(
+        server,
         content=b"{not json",
         headers={**_auth(server.predict_key), "content-type": "application/json"},
     )
     assert r.status_code == 400 and r.json()["error"].startswith("invalid_json:")
-    r = httpx.post(
-        f"{server.base}/v2/models/{server.name}/infer",
-        json={"inputs": []},
-        headers=_auth(server.predict_key),
-    )
+    r = _infer(server, json={"inputs": []})
     assert r.status_code == 400 and r.json()["error"].startswith("invalid_request:")
+
+
+# -- outputs: requested subset, unknown names, binary data ------------------------------
+def test_unknown_requested_output_is_400(client, server):
+    batch = _frames(server, n=1)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(
+            server.name,
+            [_uint8_input(batch, True)],
+            outputs=[triton.InferRequestedOutput("logits", binary_data=True)],
+            headers=_auth(server.predict_key),
+        )
+    status, message = _error(e)
+    assert status == "400" and "unknown_output" in message and "logits" in message
+
+
+def _split_binary(response: httpx.Response) -> tuple[dict, bytes]:
+    """(JSON header, raw bytes after it) of a binary tensor extension response."""
+    n = int(response.headers["Inference-Header-Content-Length"])
+    return json.loads(response.content[:n]), response.content[n:]
+
+
+def test_binary_outputs_are_raw_little_endian_bytes_after_the_json_header(
+    client, server, onnx_session
+):
+    """Triton's binary tensor extension, read by hand: each binary output says its byte
+    count in parameters.binary_data_size; the bytes follow the header in output order."""
+    batch = _frames(server, n=2)
+    body = {
+        "inputs": [_uint8_json(batch)],
+        "outputs": [
+            {"name": "heatmap", "parameters": {"binary_data": True}},
+            {"name": "probabilities", "parameters": {"binary_data": False}},
+        ],
+    }
+    r = _infer(server, json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    header, raw = _split_binary(r)
+    outputs = {o["name"]: o for o in header["outputs"]}
+    want_probs, want_heat = onnx_session.run(["probabilities", "heatmap"], {"image": batch})
+    heat = outputs["heatmap"]
+    assert "data" not in heat and heat["parameters"]["binary_data_size"] == len(raw)
+    got = np.frombuffer(raw, dtype="<f4").reshape(heat["shape"])
+    np.testing.assert_allclose(got, want_heat, atol=1e-5, rtol=0)
+    probs = outputs["probabilities"]  # asked for as JSON: stays JSON in the header
+    np.testing.assert_allclose(
+        np.reshape(probs["data"], probs["shape"]), want_probs, atol=1e-5, rtol=0
+    )
+
+    # binary_data_output on the request: every output binary, in order, back to back
+    body = {"inputs": body["inputs"], "parameters": {"binary_data_output": True}}
+    r = _infer(server, json=body)
+    header, raw = _split_binary(r)
+    sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
+    assert [o["name"] for o in header["outputs"]] == ["probabilities", "heatmap"]
+    assert sum(sizes) == len(raw)
+    got_probs = np.frombuffer(raw[: sizes[0]], dtype="<f4").reshape(want_probs.shape)
+    np.testing.assert_allclose(got_probs, want_probs, atol=1e-5, rtol=0)
+
+
+def test_tritonclient_binary_outputs_match_its_json_outputs(client, server):
+    batch = _frames(server, n=2)
+    results = {
+        binary: client.infer(
+            server.name,
+            [_uint8_input(batch, True)],
+            outputs=[
+                triton.InferRequestedOutput("probabilities", binary_data=binary),
+                triton.InferRequestedOutput("heatmap", binary_data=binary),
+            ],
+            headers=_auth(server.predict_key),
+        )
+        for binary in (True, False)
+    }
+    for name in ("probabilities", "heatmap"):
+        binary_out = results[True].get_output(name)
+        assert "binary_data_size" in binary_out["parameters"] and "data" not in binary_out
+        assert "data" in results[False].get_output(name)
+        np.testing.assert_array_equal(
+            results[True].as_numpy(name), results[False].as_numpy(name).astype(np.float32)
+        )
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"id": 7}, "invalid_request"),
+        ({"parameters": None}, "invalid_request"),
+        ({"parameters": {"binary_data_output": "yes"}}, "invalid_request"),
+        (
+            {"outputs": [{"name": "probabilities", "parameters": {"binary_data": 1}}]},
+            "invalid_request",
+        ),
+        ({"outputs": [{"name": "logits"}]}, "unknown_output"),
+        (
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [], "data": []}]},
+            "invalid_shape",
+        ),
+        (
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AAAA"]}]},
+            "invalid_shape",
+        ),
+        (
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": None}]},
+            "invalid_tensor",
+        ),
+        (
+            {"inputs": [{"name": "pixels", "datatype": "BYTES", "shape": [999], "data": []}]},
+            "invalid_tensor",
+        ),  # malformed first: 400, not 413 for the size
+        (
+            {"inputs": [{"name": "image", "datatype": "FP16", "shape": [999], "data": []}]},
+            "invalid_datatype",
+        ),
+    ],
+    ids=[
+        "id-not-a-string",
+        "parameters-null",
+        "binary-data-output-not-bool",
+        "binary-data-not-bool",
+        "unknown-output",
+        "bytes-empty-shape",
+        "bytes-shape-not-its-length",
+        "data-null",
+        "bad-name-before-size",
+        "bad-datatype-before-size",
+    ],
+)
+def test_a_request_the_schema_refuses_is_400(server, change, code):
+    png = base64.b64encode(_png()).decode()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [png]}]}
+    r = _infer(server, json={**body, **change})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith(f"{code}:"), r.text
+    ok = _infer(server, json=body)
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("version", ["0", "-1", "1.0", "null", "99999999999999999999"])
+def test_a_version_that_is_not_a_positive_integer_is_400(client, server, version):
+    r = httpx.get(f"{server.base}/v2/models/{server.name}/versions/{version}")
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid_version:"), r.text
+    assert "SQLite" not in r.text
+    assert not client.is_model_ready(server.name, model_version=version)
+
+
+def test_unversioned_routes_take_no_version_query(server):
+    """`?version=` is not a parameter of /v2/models/{name}: ignored, not half-honoured."""
+    r = httpx.get(f"{server.base}/v2/models/{server.name}?version=banana")
+    assert r.status_code == 200 and r.json()["versions"] == [str(server.version)]
+    doc = httpx.get(f"{server.base}/openapi.json").json()
+    for path in ("/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/infer"):
+        for op in doc["paths"][path].values():
+            assert [p["name"] for p in op.get("parameters", [])] == ["name"], path
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b'{"inputs": ' + b"[" * 100_000, b"\xff\xfe{}"],
+    ids=["nested-too-deep", "header-nested-too-deep", "not-utf8"],
+)
+def test_json_no_parser_can_read_is_400(server, body):
+    r = _infer(
+        server,
+        content=body,
+        headers={**_auth(server.predict_key), "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid_json:"), r.text

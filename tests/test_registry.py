@@ -1,6 +1,7 @@
 """Registry on the local SQLite store: register, promote with a gate, roll back, resolve."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -218,3 +219,79 @@ def test_cli_registry_flow(session_home, tiny_export, tmp_path):
         result = _cli(*args, home_dir=session_home)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-500:])
         assert "Traceback" not in result.stderr
+
+
+def _two_sources(weak_low: float) -> dict:
+    return {
+        "a": {"auc": 0.9, "ci_low": 0.8, "ci_high": 0.97, "n": 40},
+        "b": {"auc": 0.6, "ci_low": weak_low, "ci_high": 0.78, "n": 38},
+    }
+
+
+def test_the_phantom_model_passes_the_shortcut_gate_honestly(tiny_export):
+    from registry import gate
+
+    card = json.loads((tiny_export / "model_card.json").read_text())
+    block = card["source_robustness"]
+    # One source, one image size: the floor is chance and there is nothing within to check.
+    assert block["shortcut_floor"] == {"auc": 0.5, "ci_low": 0.5, "ci_high": 0.5}
+    assert list(block["test_images_per_source"]) == ["256x256"] and block["loso"] is None
+    assert card["metrics"]["test"]["auc"] > 0.5
+    assert gate.problems(gate.tag_value(card)) == []
+    card["metrics"]["test"]["auc"] = 0.5  # at chance: not above the floor
+    assert "not above the shortcut floor" in gate.problems(gate.tag_value(card))[0]
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (
+            {"source_robustness.shortcut_floor": {"auc": 0.97, "ci_low": 0.9, "ci_high": 1.0}},
+            "is not above the shortcut floor 0.970 [95% CI 0.900, 1.000]",
+        ),
+        (
+            {
+                "source_robustness.sources": _two_sources(0.45),
+                "source_robustness.test_images_per_source": {"a": 40, "b": 38},
+            },
+            "within source b test AUC 0.600 [95% CI 0.450, 0.780] on 38 images",
+        ),
+        ({"source_robustness": None}, "exported before the shortcut gate"),
+    ],
+)
+def test_shortcut_gate_names_the_number_that_failed(home, tiny_export, tmp_path, changes, message):
+    name = _name()
+    version = store.register(_variant(tiny_export, tmp_path, **changes), name)
+    with pytest.raises(store.RegistryError, match=re.escape(message)) as refused:
+        store.promote(version, "champion", name)
+    assert "--force --reason" in str(refused.value)
+    assert store.alias_version(name, "champion") is None
+    event = store.promote(version, "champion", name, force=True, reason="known limitation, #9")
+    assert event["forced"] and any(message in p for p in event["overridden"])
+
+
+def test_shortcut_gate_passes_sources_that_are_all_above_chance(home, tiny_export, tmp_path):
+    name = _name()
+    fine = _variant(
+        tiny_export,
+        tmp_path,
+        **{
+            "source_robustness.sources": _two_sources(0.55),
+            "source_robustness.test_images_per_source": {"a": 40, "b": 38, "c": 12},
+        },
+    )
+    version = store.register(fine, name)
+    assert store.promote(version, "champion", name)["forced"] is False
+    assert store.show(version, name).to_json()["robust_score"] is not None
+
+
+def test_cli_promote_refusal_is_one_line_naming_the_number(home, tiny_export, tmp_path):
+    name = _name()
+    floor = {"auc": 0.97, "ci_low": 0.9, "ci_high": 1.0}
+    version = store.register(
+        _variant(tiny_export, tmp_path, **{"source_robustness.shortcut_floor": floor}), name
+    )
+    result = _cli("registry", "promote", str(version), "--name", name, home_dir=home)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "shortcut floor 0.970 [95% CI 0.900, 1.000]" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -204,3 +204,48 @@ def test_openapi_page_lists_the_routes(client):
     for path in ("/v1/predict", "/v1/models", "/v1/requests", "/v2/models/{name}/infer"):
         assert path in spec["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_describes_auth_errors_and_content_types(client):
+    """What the fuzzer found missing: the bearer scheme, the error answers with their
+    schema, /metrics as text, the /v2 request body, constraints the handlers enforce."""
+    spec = client.get("/openapi.json").json()
+    scheme = spec["components"]["securitySchemes"]["HTTPBearer"]
+    assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    error_ref = "#/components/schemas/ErrorOut"
+    predict_routes = [
+        "/v1/predict",
+        "/v1/models/{name}/predict",
+        "/v1/models/{name}/versions/{version}/predict",
+    ]
+    for path in predict_routes:
+        op = spec["paths"][path]["post"]
+        assert op["security"] == [{"HTTPBearer": []}], path
+        codes = {c for c in op["responses"] if c != "200"}
+        assert codes == {"400", "401", "403", "404", "413", "415", "422", "503"}, path
+        for code in codes:
+            schema = op["responses"][code]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": error_ref}, (path, code)
+        assert "Retry-After" in op["responses"]["503"]["headers"]
+        params = {p["name"]: p["schema"] for p in op["parameters"]}
+        assert params["class"]["anyOf"][0]["minLength"] == 1
+
+    def param(path: str, method: str, name: str) -> dict:
+        return next(p for p in spec["paths"][path][method]["parameters"] if p["name"] == name)
+
+    version = param("/v1/models/{name}/versions/{version}/predict", "post", "version")
+    assert version["schema"]["minimum"] == 1 and version["schema"]["maximum"] == 2**31 - 1
+    start = param("/v1/requests", "get", "start")
+    assert start["schema"]["anyOf"][0]["pattern"].startswith("^[0-9]{4}-")
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
+    body = infer["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["inputs"] and infer["security"] == [{"HTTPBearer": []}]
+    assert set(infer["responses"]["200"]["content"]) == {
+        "application/json",
+        "application/octet-stream",
+    }
+    oip_error = infer["responses"]["400"]["content"]["application/json"]["schema"]
+    assert oip_error["properties"]["error"]["type"] == "string"
+    assert "429" not in json.dumps(spec["paths"])  # nothing answers 429 (yet)

@@ -57,3 +57,23 @@ def test_quick_training_is_leak_free_and_above_chance(home, thyroid_seed):
     assert all(len(s) == 1 for s in sides.values()), "an image or case sits in two splits"
     assert int(run.data.params["n_dropped_duplicates"]) >= 40
     assert run.data.metrics["test_auc_ci_low"] > 0.5, run.data.metrics
+    # The three sources are measured one by one, beside what image source and size alone get.
+    from training import sources
+
+    m = run.data.metrics
+    assert set(sources.per_source(m, "test_auc_source_")) == {"560x360", "300x225", "other"}
+    assert run.data.params["sources"] == "300x225,560x360,other"
+    assert m["test_shortcut_auc_ci_low"] > 0.55, "the scanner shortcut vanished from the split?"
+    assert "robust_score" in m and m["robust_score"] <= m["test_auc_source_560x360"]
+
+
+def test_thyroid_seed_has_three_confounded_sources(thyroid_seed):
+    from training import sources
+
+    report = audit.audit(data.scan(thyroid_seed))
+    table = report["sources"]
+    assert set(table) == {"560x360", "300x225", sources.OTHER}
+    totals = {s: sum(c.values()) for s, c in table.items()}
+    assert totals == {"560x360": 315, "300x225": 303, "other": 177}
+    share = {s: c["malignant"] / totals[s] for s, c in table.items()}
+    assert share["560x360"] > 0.8 and share["other"] < 0.5  # the source predicts the label

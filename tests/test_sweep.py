@@ -1,5 +1,7 @@
 """Sweeps: grid -> nested runs -> leaderboard, and resuming after an interruption."""
 
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -67,6 +69,11 @@ def test_sweep_runs_grid_nested_with_leaderboard_and_resumes(home, tmp_path, pha
         ("  stage: [progressive]", "progressive.data"),
         ("  stage: [sideways]", "grid.stage"),
         ("learning_rat: 0.1", "unknown keys"),
+        ("  colour: [red]", "grid keys must be TrainConfig fields"),
+        ("  holdout_source: [a]", "grid keys must be TrainConfig fields"),
+        ("  max_images: [40, 80]", "given both at the top level and as grid axes"),
+        ("  class_weights: [global, sourced]", "unknown class weighting 'sourced'"),
+        ("  scanner_augment: [yes please]", "scanner_augment must be bool"),
     ],
 )
 def test_bad_sweep_configs_are_refused(tmp_path, phantom_root, extra, message):
@@ -79,3 +86,45 @@ def test_unknown_backbone_in_grid_is_refused_before_anything_runs(tmp_path, phan
     path.write_text(path.read_text().replace("[tiny]", "[tiny, alexnet]"))
     with pytest.raises(ValueError, match="alexnet"):
         sweep.load_config(path)
+
+
+def test_any_trainconfig_field_is_an_axis_and_the_leaderboard_ranks_by_robust_score(
+    home, tmp_path, phantom_root
+):
+    axes = "  class_weights: [global, source]\n  scanner_augment: [true]"
+    path = _config(tmp_path, phantom_root, axes + "\ntest_fraction: 0.3")  # 24 test images
+    path.write_text(path.read_text().replace("[softmax, rf]", "[softmax]"))
+    spec = sweep.load_config(path)
+    assert spec.base.loso is True  # on by default in sweeps
+    assert spec.axes == [*sweep.GRID_KEYS, "class_weights", "scanner_augment"]
+    keys = [sweep._combo_key(c) for c in spec.combos()]
+    assert keys == [
+        "tiny/full/softmax/direct/class_weights=global/scanner_augment=True",
+        "tiny/full/softmax/direct/class_weights=source/scanner_augment=True",
+    ]
+    parent_id, table = sweep.run_sweep(spec)
+    client = MlflowClient(settings.tracking_uri())
+    children = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+    )
+    weights = {c.data.tags["combo"]: c.data.params["class_weights"] for c in children}
+    assert weights == {keys[0]: "global", keys[1]: "source"}
+    header = table.splitlines()[0]
+    for column in ("class_weights", "val robust", "test robust", "floor [95% CI]", "AUC 256x256"):
+        assert column in header
+    rows = [r for r in json.loads(_leaderboard_json(client, parent_id)) if r.get("run_id")]
+    scores = [r["val_robust_score"] for r in rows]
+    assert scores == sorted(scores, reverse=True) and len(rows) == 2
+    assert client.get_run(parent_id).data.tags["best_run"] == rows[0]["run_id"]
+    assert all(r["test_shortcut_auc"] == 0.5 for r in rows)  # one source: the floor is chance
+
+
+def _leaderboard_json(client, run_id) -> str:
+    import mlflow
+
+    return open(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="leaderboard.json", tracking_uri=settings.tracking_uri()
+        )
+    ).read()

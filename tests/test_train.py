@@ -190,6 +190,8 @@ def test_cli_train_prints_run_id_last(phantom_root, session_home):
         (["train", "--data", "{root}", "--backbone", "alexnet"], "alexnet"),
         (["data", "audit", "/nonexistent"], "not found"),
         (["sweep", "/nonexistent.yaml"], "not found"),
+        (["train", "--epochs", "1"], "no dataset: give --data ROOT"),
+        (["train", "--config", "/nonexistent.yaml"], "configuration not found"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(phantom_root, session_home, args, message):
@@ -206,3 +208,31 @@ def test_cli_audit_json(phantom_root, session_home):
     report = json.loads(result.stdout)
     assert report["images"] == 400 and report["classes"] == {"benign": 200, "malignant": 200}
     assert report["exact_duplicate_groups"] == [] and report["cross_split_groups"] == []
+
+
+def test_cli_train_from_a_config_file_with_flags_overriding_it(
+    phantom_root, session_home, tmp_path
+):
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"data: {phantom_root}\nimage_size: 32\nepochs: 1\nmax_images: 60\nseed: 3\n"
+        "patience: 1\nclass_weights: source\nexperiment: tests-config\n"
+    )
+    # --seed 0 is the default value, given explicitly: it still overrides the file.
+    result = _cli(
+        "train", "--config", str(config), "--max-images", "50", "--seed", "0", env_home=session_home
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_id = result.stdout.strip().splitlines()[-1]
+    params = MlflowClient(f"sqlite:///{session_home / 'mlflow.db'}").get_run(run_id).data.params
+    assert params["max_images"] == "50" and params["seed"] == "0"  # command line
+    assert params["image_size"] == "32" and params["patience"] == "1"  # file
+    assert params["class_weights"] == "source" and params["epochs"] == "1"
+
+
+def test_cli_config_errors_are_one_clear_line(session_home, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("data: /nowhere\nbackbone: tiny\nlerning_rate: 0.1\n")
+    result = _cli("train", "--config", str(config), env_home=session_home)
+    assert result.returncode == 2 and "unknown key 'lerning_rate'" in result.stderr
+    assert "Traceback" not in result.stderr

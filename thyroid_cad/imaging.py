@@ -28,6 +28,7 @@ _BACKGROUND_LEVEL = 12
 _OPENING_SIZE = 7
 # A content box smaller than this fraction of the frame means cropping failed.
 _MIN_CONTENT_FRACTION = 0.1
+EXIF_ORIENTATION = 0x0112  # EXIF tag: how the camera held the frame (1 = upright)
 
 
 def open_image(source: str | Path | bytes) -> Image.Image:
@@ -45,7 +46,9 @@ def open_image(source: str | Path | bytes) -> Image.Image:
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
     """Convert any PIL mode (grey, 16-bit, float, palette, RGBA, CMYK) to uint8 HxWx3."""
-    image = ImageOps.exif_transpose(image)
+    # exif_transpose copies even an upright image: only call it when the tag asks.
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # Deep grey images (16-bit exports, 12-bit DICOM): window to their own range.
         arr = np.asarray(image, dtype=np.float64)
@@ -57,7 +60,9 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)
 
 
 def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
@@ -70,20 +75,53 @@ def content_box(rgb: np.ndarray) -> tuple[int, int, int, int]:
     is found.
     """
     h, w = rgb.shape[:2]
-    grey = rgb.mean(axis=2)
-    mask = grey > _BACKGROUND_LEVEL
-    mask = ndimage.binary_opening(mask, structure=np.ones((_OPENING_SIZE, _OPENING_SIZE)))
+    mask = _opening(_foreground(rgb), _OPENING_SIZE)
     labels, n = ndimage.label(mask)
     if n == 0:
         return 0, 0, h, w
     sizes = np.bincount(labels.ravel())[1:]
     biggest = int(np.argmax(sizes)) + 1
-    rows = np.flatnonzero((labels == biggest).any(axis=1))
-    cols = np.flatnonzero((labels == biggest).any(axis=0))
+    component = labels == biggest
+    rows = np.flatnonzero(component.any(axis=1))
+    cols = np.flatnonzero(component.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     if (bottom - top) * (right - left) < _MIN_CONTENT_FRACTION * h * w:
         return 0, 0, h, w
     return int(top), int(left), int(bottom), int(right)
+
+
+def _foreground(rgb: np.ndarray) -> np.ndarray:
+    """Pixels whose mean over the channels exceeds the background level."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3:
+        return rgb.mean(axis=2) > _BACKGROUND_LEVEL
+    # mean > L  <=>  sum > channels * L, exactly, in integers (no float copy of the frame)
+    total = rgb[:, :, 0].astype(np.uint16)
+    for c in range(1, rgb.shape[2]):
+        total += rgb[:, :, c]
+    return total > rgb.shape[2] * _BACKGROUND_LEVEL
+
+
+def _opening(mask: np.ndarray, size: int) -> np.ndarray:
+    """Binary opening by a size x size square, outside the frame counted as background.
+
+    Equal to ndimage.binary_opening(mask, np.ones((size, size))), but the square is
+    separable and a run of `size` pixels is the AND (erosion) or OR (dilation) of
+    shifted views built by doubling: a few whole-array operations instead of size**2.
+    """
+    eroded = _run(_run(mask, size, 0, np.logical_and), size, 1, np.logical_and)
+    return _run(_run(eroded, size, 0, np.logical_or), size, 1, np.logical_or)
+
+
+def _run(mask: np.ndarray, size: int, axis: int, op) -> np.ndarray:
+    """op over a centred window of `size` (odd) pixels along `axis`; outside is False."""
+    r = size // 2
+    m = np.moveaxis(mask, axis, 0)
+    pad = np.zeros((r, *m.shape[1:]), dtype=bool)
+    acc, width = np.concatenate([pad, m, pad]), 1  # acc[i] covers width pixels from i
+    while width < size:
+        step = min(width, size - width)
+        acc, width = op(acc[:-step], acc[step:]), width + step
+    return np.moveaxis(acc, 0, axis)
 
 
 def crop_to_content(rgb: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from thyroid_cad import imaging
+from training import sources
 from training.data import Dataset
 
 # Hamming distance (of 64 bits) up to which two images count as near duplicates.
@@ -178,6 +179,9 @@ def audit(dataset: Dataset, max_bits: int = NEAR_DUPLICATE_BITS) -> dict:
         "cases": len(by_case),
         "images_with_case": sum(len(g) for g in by_case.values()),
         "sizes": dict(sizes.most_common()),
+        "sources": sources.source_table(
+            sources.assign_sources(dataset, infos), dataset.labels, dataset.class_names
+        ),
         "unreadable": [
             {"path": r.rel, "error": info.error}
             for r, info in zip(records, infos, strict=True)
@@ -199,6 +203,11 @@ def format_report(report: dict) -> str:
         f"splits: {report['splits']}",
         f"cases in manifest: {report['cases']} ({report['images_with_case']} images)",
         "sizes: " + ", ".join(f"{k} ({v})" for k, v in list(report["sizes"].items())[:6]),
+        "sources (image source: images per class): "
+        + "; ".join(
+            f"{s} " + " / ".join(f"{c} {n}" for c, n in counts.items())
+            for s, counts in report["sources"].items()
+        ),
         f"unreadable files: {len(report['unreadable'])}",
         f"exact duplicate groups: {len(report['exact_duplicate_groups'])}",
         f"near duplicate groups (<= {report['near_duplicate_max_bits']} bits): "

@@ -4,8 +4,9 @@ Accepted layouts (the ones hospitals and Kaggle use):
     ROOT/<class>/*            one pool, split later
     ROOT/<split>/<class>/*    a published split (train/val/test), audited for leaks
 An optional manifest CSV (``image`` column relative to ROOT, plus ``case_id`` or
-``patient_id``) groups images of one case. ``manifest.csv`` or ``cases.csv`` in ROOT
-is picked up when no manifest is given.
+``patient_id``) groups images of one case; an optional ``source`` column names the
+scanner / site each image came from (see training.sources). ``manifest.csv`` or
+``cases.csv`` in ROOT is picked up when no manifest is given.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ SPLIT_ALIASES = {
 }
 MANIFEST_NAMES = ("manifest.csv", "cases.csv")
 CASE_COLUMNS = ("case_id", "patient_id", "case", "patient")
+SOURCE_COLUMN = "source"
 
 
 class DataError(ValueError):
@@ -68,13 +70,15 @@ def canonical_class(name: str) -> str:
 
 @dataclass(frozen=True)
 class Record:
-    """One image: where it is, its class, the split it was published in, its case."""
+    """One image: where it is, its class, the split it was published in, its case and
+    the source (scanner, site) a manifest names for it."""
 
     path: Path
     rel: str
     label: str
     split: str | None = None
     case_id: str | None = None
+    source: str | None = None
 
 
 @dataclass
@@ -135,6 +139,11 @@ def _images_in(folder: Path) -> list[Path]:
 
 def read_manifest(path: Path) -> dict[str, str]:
     """Map image path (relative to the dataset root, '/'-separated) to case id."""
+    return _read_manifest(path)[0]
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(image -> case id, image -> source); the source column is optional."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         fields = [c.strip().lower() for c in reader.fieldnames or []]
@@ -143,12 +152,15 @@ def read_manifest(path: Path) -> dict[str, str]:
         case_col = next((c for c in CASE_COLUMNS if c in fields), None)
         if case_col is None:
             raise DataError(f"manifest {path} has none of the case columns {CASE_COLUMNS}")
-        cases = {}
+        cases, sources = {}, {}
         for row in reader:
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-            if row["image"] and row[case_col]:
-                cases[row["image"].replace("\\", "/")] = row[case_col]
-    return cases
+            image = row["image"].replace("\\", "/")
+            if image and row[case_col]:
+                cases[image] = row[case_col]
+            if image and row.get(SOURCE_COLUMN):
+                sources[image] = row[SOURCE_COLUMN]
+    return cases, sources
 
 
 def scan(root: str | Path, manifest: str | Path | None = None) -> Dataset:
@@ -175,14 +187,14 @@ def scan(root: str | Path, manifest: str | Path | None = None) -> Dataset:
         if manifest
         else next((root / n for n in MANIFEST_NAMES if (root / n).is_file()), None)
     )
-    cases = read_manifest(manifest_path) if manifest_path else {}
+    cases, sources = _read_manifest(manifest_path) if manifest_path else ({}, {})
 
     records = []
     for split, class_dir in groups:
         label = canonical_class(class_dir.name)
         for path in _images_in(class_dir):
             rel = path.relative_to(root).as_posix()
-            records.append(Record(path, rel, label, split, cases.get(rel)))
+            records.append(Record(path, rel, label, split, cases.get(rel), sources.get(rel)))
     if not records:
         raise DataError(
             f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root} in "

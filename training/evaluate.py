@@ -24,6 +24,7 @@ from scipy import optimize, special, stats
 
 __all__ = [
     "apply_temperature",
+    "auc_by_group",
     "binary_metrics",
     "bootstrap_auc_ci",
     "choose_threshold",
@@ -176,6 +177,25 @@ def bootstrap_auc_ci(
         aucs[start : start + bsz] = _bootstrap_aucs(pos, neg, pos_idx, neg_idx)
     low, high = np.quantile(aucs, [alpha / 2.0, 1.0 - alpha / 2.0])
     return auc, float(low), float(high)
+
+
+def auc_by_group(
+    y_true, scores, groups, n_boot: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float, float, int]]:
+    """{group: (auc, low, high, n)}: :func:`bootstrap_auc_ci` within every group.
+
+    Groups are e.g. image sources; a group with one class only gets nan AUC and CI.
+    """
+    y = _as_binary(y_true, "y_true")
+    s = _as_scores(scores, y.size)
+    g = np.asarray(groups)
+    if g.shape != y.shape:
+        raise ValueError(f"shape mismatch: groups has {g.shape[0]} entries but labels {y.size}")
+    out = {}
+    for name in sorted(set(g.tolist())):
+        mask = g == name
+        out[str(name)] = (*bootstrap_auc_ci(y[mask], s[mask], n_boot, seed=seed), int(mask.sum()))
+    return out
 
 
 def _macro_ovr_auc(labels: np.ndarray, probs: np.ndarray) -> float:

@@ -30,7 +30,7 @@ from PIL import Image
 
 from thyroid_cad import imaging
 from thyroid_cad.files import sha256_file
-from training import models
+from training import models, sources
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +399,7 @@ def export_run(run_id: str, out_dir: Path) -> dict:
         extra = {
             "source_run_id": source,
             "metrics": _metrics_with_cis(run.data.metrics),
+            "source_robustness": sources.card_block(run.data.metrics),
         }
         if "test_shortcut_auc" in run.data.metrics:
             extra["shortcut_auc"] = run.data.metrics["test_shortcut_auc"]

@@ -60,9 +60,19 @@ ZOOM = 0.10
 SHIFT = 0.05
 BRIGHTNESS = 25.0
 CONTRAST = 0.20
+# Scanner-varying augmentation (--scanner-augment): what differs between machines and
+# their settings rather than between nodules.
+CROP = 0.25  # random crop of up to 25% of the side, anywhere in the frame (field of view)
+GAMMA = 0.4  # log-compression curve x**g, g in [1/1.4, 1.4] (dynamic range setting)
+DEPTH_GAIN = 0.3  # time-gain compensation: up to +-30% gain from top to bottom
+SCANNER_BRIGHTNESS = 40.0  # overall gain, wider than BRIGHTNESS
+SCANNER_CONTRAST = 0.35
+SPECKLE = 0.20  # largest sd of multiplicative noise, correlated over 2x2 pixels
+DOWNSCALE = 0.35  # resolution: down to this fraction of the side and back up, ...
+DOWNSCALE_P = 0.5  # ... for about this share of each batch
 
 
-def augment_batch(images: tf.Tensor, seed: int) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, seed: int, scanner: bool = False) -> tf.Tensor:
     """Ultrasound-sensible augmentation of a float32 batch (0-255), one warp per image.
 
     Left-right flips (lobes and probe orientation vary) but no vertical flip: depth runs
@@ -70,6 +80,11 @@ def augment_batch(images: tf.Tensor, seed: int) -> tf.Tensor:
     and shifts (probe angle and pressure) are composed into ONE projective transform per
     image (one resampling pass instead of three separate Keras layers: ~4x faster here),
     then brightness and contrast (gain settings).
+
+    With ``scanner``, also what scanners differ in: a random crop (folded into the same
+    warp), lower resolution (down- and up-sampling, per batch, on part of it),
+    multiplicative speckle noise, a gamma curve (log compression), a depth gain ramp
+    (TGC) and wider brightness and contrast.
     """
     shape = tf.shape(images)
     n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
@@ -80,6 +95,14 @@ def augment_batch(images: tf.Tensor, seed: int) -> tf.Tensor:
     theta = uniform(-ROTATION, ROTATION, 1)
     inv_zoom = 1.0 / uniform(1.0 - ZOOM, 1.0 + ZOOM, 2)
     tx, ty = uniform(-SHIFT, SHIFT, 3) * w, uniform(-SHIFT, SHIFT, 4) * h
+    if scanner:
+        # A crop of side `keep` centred anywhere it fits: input centre moves by about
+        # keep * t, so t up to (1 - keep) / 2 / keep of the side keeps it in the frame.
+        keep = uniform(1.0 - CROP, 1.0, 11)
+        room = (1.0 - keep) / 2.0 / keep
+        inv_zoom = inv_zoom * keep
+        tx = tx + uniform(-1.0, 1.0, 12) * room * w
+        ty = ty + uniform(-1.0, 1.0, 13) * room * h
     flip = tf.where(uniform(0.0, 1.0, 5) < 0.5, -1.0, 1.0)
     cos, sin = tf.cos(theta) * inv_zoom, tf.sin(theta) * inv_zoom
     # Output pixel p maps to input M (p - c - t) + c, M = R(theta) / zoom * diag(flip, 1).
@@ -97,10 +120,38 @@ def augment_batch(images: tf.Tensor, seed: int) -> tf.Tensor:
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
     )
+    brightness_range, contrast_range = BRIGHTNESS, CONTRAST
+    if scanner:
+        warped = _scanner_effects(warped, shape, n, seed)
+        brightness_range, contrast_range = SCANNER_BRIGHTNESS, SCANNER_CONTRAST
     mean = tf.reduce_mean(warped, axis=[1, 2, 3], keepdims=True)
-    contrast = tf.reshape(uniform(1.0 - CONTRAST, 1.0 + CONTRAST, 6), [-1, 1, 1, 1])
-    brightness = tf.reshape(uniform(-BRIGHTNESS, BRIGHTNESS, 7), [-1, 1, 1, 1])
+    contrast = tf.reshape(uniform(1.0 - contrast_range, 1.0 + contrast_range, 6), [-1, 1, 1, 1])
+    brightness = tf.reshape(uniform(-brightness_range, brightness_range, 7), [-1, 1, 1, 1])
     return tf.clip_by_value((warped - mean) * contrast + mean + brightness, 0.0, 255.0)
+
+
+def _scanner_effects(x: tf.Tensor, shape: tf.Tensor, n: tf.Tensor, seed: int) -> tf.Tensor:
+    """Resolution, speckle, gamma and depth gain on a warped float32 batch (0-255)."""
+    size = shape[1:3]
+
+    def per_image(lo, hi, offset):
+        return tf.reshape(tf.random.uniform([n], lo, hi, seed=seed + offset), [-1, 1, 1, 1])
+
+    # Resolution: one factor per batch (resizing needs one shape), on part of the batch.
+    factor = tf.random.uniform([], DOWNSCALE, 1.0, seed=seed + 21)
+    small = tf.maximum(tf.cast(tf.cast(size, tf.float32) * factor, tf.int32), 8)
+    blurred = tf.image.resize(tf.image.resize(x, small, antialias=True), size)
+    x = tf.where(per_image(0.0, 1.0, 22) < DOWNSCALE_P, blurred, x)
+    # Speckle: grey multiplicative noise drawn at half resolution (correlated over ~2 px).
+    half = tf.maximum(size // 2, 1)
+    noise = tf.random.normal(tf.stack([n, half[0], half[1], 1]), seed=seed + 23)
+    noise = tf.image.resize(noise, size)
+    x = x * tf.maximum(1.0 + per_image(0.0, SPECKLE, 24) * noise, 0.0)
+    # Gamma (log compression / dynamic range), then a depth gain ramp (TGC).
+    log_g = tf.math.log(1.0 + GAMMA)
+    x = 255.0 * tf.pow(tf.clip_by_value(x / 255.0, 0.0, 1.0), tf.exp(per_image(-log_g, log_g, 25)))
+    depth = tf.reshape(tf.linspace(-1.0, 1.0, size[0]), [1, -1, 1, 1])
+    return x * (1.0 + per_image(-DEPTH_GAIN, DEPTH_GAIN, 26) * depth)
 
 
 def make_dataset(
@@ -111,25 +162,33 @@ def make_dataset(
     training: bool = False,
     augment: bool = True,
     seed: int = 0,
+    weights: np.ndarray | None = None,
+    scanner_augment: bool = False,
 ) -> tf.data.Dataset:
-    """Batches of (float32 0-255 images, one-hot labels), prefetched."""
-    x = tf.data.Dataset.from_tensor_slices(images)
-    ds = (
-        x
-        if labels is None
-        else tf.data.Dataset.zip(
-            (x, tf.data.Dataset.from_tensor_slices(tf.one_hot(labels, num_classes)))
-        )
-    )
+    """Batches of float32 0-255 images, with one-hot labels and sample weights if given.
+
+    Elements are ``images``, ``(images, labels)`` or ``(images, labels, weights)``: the
+    forms Keras' fit takes (weights scale each image's loss).
+    """
+    if weights is not None and labels is None:
+        raise ValueError("sample weights need labels")
+    parts = [images]
+    if labels is not None:
+        parts.append(tf.one_hot(labels, num_classes))
+    if weights is not None:
+        parts.append(np.asarray(weights, dtype=np.float32))
+    ds = tf.data.Dataset.from_tensor_slices(tuple(parts) if len(parts) > 1 else images)
+
+    def on_images(fn):
+        return (lambda im, *rest: (fn(im), *rest)) if len(parts) > 1 else fn
+
     if training:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    cast = (
-        (lambda im, y: (tf.cast(im, tf.float32), y))
-        if labels is not None
-        else (lambda im: tf.cast(im, tf.float32))
-    )
-    ds = ds.map(cast, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(on_images(lambda im: tf.cast(im, tf.float32)), num_parallel_calls=tf.data.AUTOTUNE)
     if training and augment:
-        ds = ds.map(lambda im, y: (augment_batch(im, seed), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(
+            on_images(lambda im: augment_batch(im, seed, scanner=scanner_augment)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -2,7 +2,8 @@
 
 scan -> leak-free split -> decode once -> build backbone + head -> fine-tune by
 strategy -> (optional SVM / Random Forest on pooled deep features) -> calibrate ->
-choose the operating threshold on validation -> evaluate on test -> log everything.
+choose the operating threshold on validation -> evaluate on test, per source and
+against the shortcut floor -> (optional leave-one-source-out folds) -> log everything.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import logging
 import pickle
 import tempfile
-from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from thyroid_cad.imaging import PREPROCESSING_VERSION
-from training import evaluate, models, pipeline, tracking
+from training import evaluate, loso, models, pipeline, sources, tracking
 from training.audit import inspect_all
 from training.data import Dataset, scan
 from training.splits import grouped_split
@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 CLASSIFIERS = ("softmax", "svm", "rf")
 STAGES = ("thyroid", "radiograph")
 POSITIVE_CLASS = "malignant"
-# Sources with fewer test images than this are pooled as 'other' in per-source metrics.
-MIN_SOURCE_IMAGES = 20
 # Temperatures outside this range are clipped (see where it is fitted).
 TEMPERATURE_RANGE = (0.25, 10.0)
 
@@ -64,6 +62,10 @@ class TrainConfig:
     patience: int = 5
     target_sensitivity: float = 0.90
     augment: bool = True
+    scanner_augment: bool = False
+    class_weights: str = "global"
+    loso: bool = False
+    holdout_source: str | None = None
     max_images: int | None = None
     stage: str = "thyroid"
     experiment: str = "thyroid-cad"
@@ -78,6 +80,11 @@ class TrainConfig:
             raise ValueError(f"unknown classifier {self.classifier!r}; choose from {CLASSIFIERS}")
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose from {STAGES}")
+        if self.class_weights not in sources.CLASS_WEIGHTINGS:
+            raise ValueError(
+                f"unknown class weighting {self.class_weights!r}; "
+                f"choose from {sources.CLASS_WEIGHTINGS}"
+            )
         if self.epochs < 1 and not (self.strategy == "frozen" and self.classifier != "softmax"):
             raise ValueError("epochs must be at least 1")
         if self.image_size < 32:
@@ -121,11 +128,6 @@ def _subsample(dataset: Dataset, max_images: int | None, seed: int) -> Dataset:
     return dataset.subset(sorted(keep))
 
 
-def _class_weights(y: np.ndarray, k: int) -> dict[int, float]:
-    counts = np.bincount(y, minlength=k).astype(float)
-    return {i: float(len(y) / (k * c)) if c else 0.0 for i, c in enumerate(counts)}
-
-
 def _compile(model: keras.Model, learning_rate: float) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -134,8 +136,11 @@ def _compile(model: keras.Model, learning_rate: float) -> None:
     )
 
 
-def _fit(model, cfg: TrainConfig, train_ds, val_ds, class_weight, history) -> None:
-    """Fine-tune by strategy; two-phase warms the head up frozen, then opens the top."""
+def _fit(model, cfg: TrainConfig, train_ds, val_ds, history) -> None:
+    """Fine-tune by strategy; two-phase warms the head up frozen, then opens the top.
+
+    Class (or within-source class) weights come with train_ds as sample weights.
+    """
     lr = cfg.learning_rate or (1e-4 if cfg.pretrained and cfg.strategy != "frozen" else 1e-3)
     phases = (
         [
@@ -156,7 +161,6 @@ def _fit(model, cfg: TrainConfig, train_ds, val_ds, class_weight, history) -> No
             train_ds,
             validation_data=val_ds,
             epochs=epochs,
-            class_weight=class_weight,
             verbose=2,
             callbacks=[
                 MlflowEpochLogger(history, offset=done),
@@ -180,20 +184,34 @@ def _sklearn_classifier(kind: str, seed: int):
     )
 
 
-def _source_of(size: tuple[int, int] | None, common: set[str]) -> str:
-    key = f"{size[0]}x{size[1]}" if size else "unknown"
-    return key if key in common else "other"
+def _fit_sklearn(clf, features: np.ndarray, y: np.ndarray, weights: np.ndarray | None):
+    """Fit with per-image weights; a pipeline routes them to its last step."""
+    if weights is None:
+        return clf.fit(features, y)
+    key = f"{clf.steps[-1][0]}__sample_weight" if hasattr(clf, "steps") else "sample_weight"
+    return clf.fit(features, y, **{key: weights})
 
 
-def _shortcut_auc(sizes_train, y_train, sizes_test, y_test, positive: int) -> float:
-    """AUC of a classifier that sees only the pixel dimensions: the scanner shortcut floor."""
-    clf = RandomForestClassifier(n_estimators=200, min_samples_leaf=3, random_state=0)
-    clf.fit(np.asarray(sizes_train, float), y_train)
-    scores = clf.predict_proba(np.asarray(sizes_test, float))
-    col = list(clf.classes_).index(positive) if positive in clf.classes_ else None
-    if col is None:
-        return float("nan")
-    return evaluate.bootstrap_auc_ci(y_test == positive, scores[:, col], n_boot=1)[0]
+def _source_evaluation(infos, src, idx, y, probs, positive: int, seed: int) -> dict:
+    """Per-source val / test AUCs and the shortcut floor on the same test images."""
+    metrics = {}
+    for s in ("val", "test"):
+        metrics.update(
+            sources.source_metrics(
+                s, y[s] == positive, probs[s][:, positive], [src[i] for i in idx[s]], seed
+            )
+        )
+    floor = sources.shortcut_floor(
+        *(
+            ([infos[i].size for i in idx[s]], [src[i] for i in idx[s]], y[s])
+            for s in ("train", "test")
+        ),
+        positive=positive,
+        seed=seed,
+    )
+    keys = ("test_shortcut_auc", "test_shortcut_auc_ci_low", "test_shortcut_auc_ci_high")
+    metrics.update(dict(zip(keys, floor, strict=True)))
+    return metrics
 
 
 def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None = None) -> str:
@@ -209,15 +227,18 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
 
     dataset = _subsample(scan(cfg.data, cfg.manifest), cfg.max_images, cfg.seed)
     infos = inspect_all(dataset)
+    src = sources.assign_sources(dataset, infos)
     split = grouped_split(dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed, infos)
     idx = {name: split.indices(name) for name in ("train", "val", "test")}
+    used = sorted(i for v in idx.values() for i in v)  # all of them: one image cache
+    if cfg.holdout_source:  # a leave-one-source-out fold (training.loso)
+        idx = loso.holdout_indices(idx, src, cfg.holdout_source, split.groups)
     if any(len(v) == 0 for v in idx.values()):
         raise ValueError(f"split left an empty part: { {k: len(v) for k, v in idx.items()} }")
     class_names = dataset.class_names
     k = len(class_names)
     positive = class_names.index(POSITIVE_CLASS) if POSITIVE_CLASS in class_names else k - 1
     labels = np.asarray(dataset.labels)
-    used = sorted(i for v in idx.values() for i in v)
     images = pipeline.load_images(
         [dataset.records[i].path for i in used], [dataset.sha256()[i] for i in used], cfg.image_size
     )
@@ -242,6 +263,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 "n_val": len(idx["val"]),
                 "n_test": len(idx["test"]),
                 "n_dropped_duplicates": len(split.dropped),
+                "sources": ",".join(sorted({src[i] for i in used})),
             }
         )
         mlflow.set_tags({"stage": cfg.stage, "backbone": cfg.backbone, **(tags or {})})
@@ -249,6 +271,18 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             split_path = Path(tmp) / "split.json"
             split.save(split_path)
             mlflow.log_artifact(str(split_path))
+            mlflow.log_dict(
+                {
+                    s: sources.source_table([src[i] for i in v], labels[v], class_names)
+                    for s, v in idx.items()
+                },
+                "sources.json",
+            )
+            if cfg.holdout_source:
+                mlflow.log_dict(
+                    {s: [dataset.records[i].rel for i in v] for s, v in idx.items()},
+                    "holdout.json",
+                )
 
         model = models.build_model(
             cfg.backbone, k, cfg.image_size, cfg.weights, bn_frozen=cfg.pretrained
@@ -259,6 +293,8 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             mlflow.set_tag("init_from", cfg.init_from)
 
         history: dict[str, list[float]] = {}
+        train_sources = [src[i] for i in idx["train"]]
+        weights = sources.sample_weights(y["train"], train_sources, k, cfg.class_weights)
         ds = {
             s: pipeline.make_dataset(
                 x[s],
@@ -268,12 +304,14 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 training=(s == "train"),
                 augment=cfg.augment,
                 seed=cfg.seed,
+                weights=weights if s == "train" else None,
+                scanner_augment=cfg.scanner_augment,
             )
             for s in x
         }
         trains_network = not (cfg.classifier != "softmax" and cfg.strategy == "frozen")
         if trains_network:
-            _fit(model, cfg, ds["train"], ds["val"], _class_weights(y["train"], k), history)
+            _fit(model, cfg, ds["train"], ds["val"], history)
 
         extra: dict = {}
         if cfg.classifier == "softmax":
@@ -301,7 +339,18 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 s: features.predict(pipeline.make_dataset(x[s], None, k, cfg.batch_size), verbose=0)
                 for s in x
             }
-            clf = _sklearn_classifier(cfg.classifier, cfg.seed).fit(feats["train"], y["train"])
+            # class_weight='balanced' is in the estimator; 'source' adds the source part.
+            source_part = (
+                sources.source_weights(y["train"], train_sources)
+                if cfg.class_weights == "source"
+                else None
+            )
+            clf = _fit_sklearn(
+                _sklearn_classifier(cfg.classifier, cfg.seed),
+                feats["train"],
+                y["train"],
+                source_part,
+            )
             probs = {s: clf.predict_proba(feats[s]) for s in ("val", "test")}
 
         val = evaluate.evaluate(
@@ -325,24 +374,8 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             **{f"test_{m}": v for m, v in test.items()},
         }
 
-        # How far image dimensions alone get (scanner shortcut), and results per source.
-        sizes = [infos[i].size for i in range(len(infos))]
-        metrics["test_shortcut_auc"] = _shortcut_auc(
-            [sizes[i] for i in idx["train"]],
-            y["train"],
-            [sizes[i] for i in idx["test"]],
-            y["test"],
-            positive,
-        )
-        counts = Counter(f"{sizes[i][0]}x{sizes[i][1]}" for i in idx["test"] if sizes[i])
-        common = {s for s, n in counts.items() if n >= MIN_SOURCE_IMAGES}
-        sources = np.array([_source_of(sizes[i], common) for i in idx["test"]])
-        for source in sorted(set(sources)):
-            mask = sources == source
-            auc = evaluate.bootstrap_auc_ci(
-                y["test"][mask] == positive, probs["test"][mask, positive], n_boot=1
-            )[0]
-            metrics[f"test_auc_source_{source}"] = auc
+        # Results per source, and how far the source and image size alone get.
+        metrics.update(_source_evaluation(infos, src, idx, y, probs, positive, cfg.seed))
         mlflow.log_metrics({m: float(v) for m, v in metrics.items() if np.isfinite(v)})
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -387,6 +420,15 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             (model_dir / "info.json").write_text(json.dumps(info, indent=1))
             mlflow.log_artifacts(str(model_dir), "model")
             log.info("logged %d plots and the model to run %s", len(plots), run.info.run_id)
+        if cfg.loso and cfg.stage == "thyroid" and not cfg.holdout_source:
+            folds = loso.candidates(idx, src, labels, split.groups)
+            mlflow.set_tag("loso_sources", ",".join(folds) or "none")
+            metrics.update(loso.run(cfg, run.info.run_id, folds, train))
+        robust = sources.robust_scores(metrics)
+        mlflow.log_metrics(
+            {m: float(v) for m, v in metrics.items() if m.startswith("loso_") and np.isfinite(v)}
+            | robust
+        )
         return run.info.run_id
 
 
@@ -435,5 +477,6 @@ def train_progressive(
         stage2_id = train(stage2, parent_run_id=parent.info.run_id)
         mlflow.set_tags({"radiograph_run": stage1_id, "thyroid_run": stage2_id})
         final = mlflow.get_run(stage2_id).data.metrics
-        mlflow.log_metrics({m: v for m, v in final.items() if m.startswith(("val_", "test_"))})
+        summary = ("val_", "test_", "loso_", "robust_score")
+        mlflow.log_metrics({m: v for m, v in final.items() if m.startswith(summary)})
         return parent.info.run_id

@@ -19,9 +19,10 @@ import hashlib
 import json
 import struct
 import time
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -30,6 +31,8 @@ from service.config import Settings
 from service.deps import Audited, PredictKey, auth_first, health_scope
 from service.errors import ApiError
 from service.models import LoadedModel
+from service.routes.v1 import extra
+from service.schemas import SQL_INT_MAX
 
 OUTPUTS = ("probabilities", "heatmap")
 _TENSOR = {
@@ -37,7 +40,12 @@ _TENSOR = {
     "required": ["name", "shape", "datatype"],
     "properties": {
         "name": {"type": "string", "enum": ["image"]},
-        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "shape": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0},
+            "minItems": 1,
+            "description": "[N, S, S, 3] for UINT8, [N] for BYTES.",
+        },
         "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
         "parameters": {
             "type": "object",
@@ -62,7 +70,12 @@ INFER_BODY = {
                             "type": "object",
                             "properties": {"binary_data_output": {"type": "boolean"}},
                         },
-                        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
+                        "inputs": {
+                            "type": "array",
+                            "items": _TENSOR,
+                            "minItems": 1,
+                            "maxItems": 1,
+                        },
                         "outputs": {
                             "type": "array",
                             "items": {
@@ -84,27 +97,100 @@ INFER_BODY = {
         },
     }
 }
-_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}}
-OIP_ERRORS = {
-    s: {"description": d, "content": {"application/json": {"schema": _ERROR}}}
-    for s, d in {
-        400: "Malformed request or tensor.",
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string", "description": "<code>: <message>"}},
+}
+
+
+def oip_errors(*statuses: int) -> dict:
+    """OpenAPI entries for /v2 error answers: {"error": "<code>: <message>"}, as OIP says."""
+    why = {
+        400: "Malformed request or tensor, or a version that is not a positive integer.",
         401: "Missing or unknown API key.",
         404: "No such model or version.",
         413: "Request, batch or image too large.",
         415: "An encoded image is not a supported format.",
+        422: "A parameter fails the schema.",
         503: "No model loaded, or the queue is full (Retry-After).",
-    }.items()
+    }
+    return {
+        s: {"description": why[s], "content": {"application/json": {"schema": _ERROR}}} | extra(s)
+        for s in statuses
+    }
+
+
+_OUTPUT = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string", "enum": list(OUTPUTS)},
+        "datatype": {"type": "string", "enum": ["FP32"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "data": {"type": "array", "items": {"type": "number"}, "description": "Row-major."},
+        "parameters": {
+            "type": "object",
+            "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+            "description": "binary_data_size: the output's raw bytes follow the JSON header.",
+        },
+    },
 }
+INFER_OK = {
+    200: {
+        "description": "Output tensors as JSON, or, when an output asked for binary_data, a "
+        "JSON header (its length in Inference-Header-Content-Length) followed by the raw "
+        "little-endian FP32 bytes of those outputs.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model_name", "model_version", "id", "outputs"],
+                    "properties": {
+                        "model_name": {"type": "string"},
+                        "model_version": {"type": "string"},
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "outputs": {"type": "array", "items": _OUTPUT},
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "headers": {
+            "Inference-Header-Content-Length": {
+                "description": "Bytes of JSON header before the binary outputs (binary only).",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        },
+    }
+}
+METADATA_ERRORS = oip_errors(400, 401, 404, 422, 503)
+INFER_ERRORS = oip_errors(400, 401, 404, 413, 415, 422, 503)
+Version = Annotated[
+    str,
+    Path(
+        description="Registered model version, a positive integer (OIP versions are strings).",
+        json_schema_extra={"pattern": "^[1-9][0-9]{0,8}$"},
+    ),
+]
 router = APIRouter(tags=["v2"])
 infer_router = APIRouter(tags=["v2"], route_class=auth_first("predict"))
 
 
 def _model(request: Request, name: str, version: str | None) -> LoadedModel:
     manager = request.app.state.models
-    if version is not None and not (version.isascii() and version.isdigit()):
-        raise ApiError(400, "invalid_version", f"version must be a number, got {version!r}")
-    model, _ = manager.get(version=int(version) if version else None, name=name)
+    number = None
+    if version is not None:
+        ok = version.isascii() and version.isdigit() and 1 <= int(version) <= SQL_INT_MAX
+        if not ok:
+            raise ApiError(
+                400,
+                "invalid_version",
+                f"version must be an integer from 1 to {SQL_INT_MAX}, got {version!r}",
+            )
+        number = int(version)
+    model, _ = manager.get(version=number, name=name)
     return model
 
 
@@ -150,7 +236,7 @@ async def _parse(request: Request, max_bytes: int) -> tuple[dict, bytes]:
                 raise ValueError("Inference-Header-Content-Length is out of range")
             return _check_header(json.loads(body[:n])), body[n:]
         return _check_header(json.loads(body)), b""
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: '[[[[...' nested too deep
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
 
 
@@ -158,42 +244,82 @@ def _is_int(value, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def _expect(ok: bool, message: str, code: str = "invalid_request") -> None:
+    if not ok:
+        raise _bad(message, code)
+
+
+def _optional(obj: dict, key: str, kind: type) -> bool:
+    """True when `key` is absent or holds a `kind` (bool is not an int here; null is not
+    an absent key)."""
+    if key not in obj:
+        return True
+    value = obj[key]
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
 def _check_header(header) -> dict:
-    """Check the request's JSON structure up front, so nothing later trips on types."""
-    if not isinstance(header, dict):
-        raise _bad("the request must be a JSON object")
-    inputs, outputs = header.get("inputs"), header.get("outputs", [])
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise _bad("'inputs' must hold exactly one tensor object, 'image'")
-    if not isinstance(outputs, list) or not all(
-        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
-    ):
-        raise _bad("'outputs' must be a list of objects with a 'name'")
-    unknown = sorted({o["name"] for o in outputs} - set(OUTPUTS))
-    if unknown:
-        raise _bad(f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}", "unknown_output")
-    for o in outputs:
-        if not isinstance(o.get("parameters") or {}, dict):
-            raise _bad("an output's 'parameters' must be an object")
+    """Check the request against the schema /openapi.json gives, up front: a malformed
+    request is a 400 whatever else is wrong with it, and nothing later trips on types."""
+    _expect(isinstance(header, dict), "the request must be a JSON object")
+    _expect(_optional(header, "id", str), "'id' must be a string")
+    _expect(_optional(header, "parameters", dict), "'parameters' must be an object")
+    _expect(
+        _optional(header.get("parameters", {}), "binary_data_output", bool),
+        "'binary_data_output' must be true or false",
+    )
+    inputs = header.get("inputs")
+    _expect(
+        isinstance(inputs, list) and len(inputs) == 1 and isinstance(inputs[0], dict),
+        "'inputs' must hold exactly one tensor object, 'image'",
+    )
+    _expect(_optional(header, "outputs", list), "'outputs' must be a list")
+    for o in header.get("outputs", []):
+        _expect(isinstance(o, dict) and isinstance(o.get("name"), str), "outputs need a 'name'")
+        _expect(
+            o["name"] in OUTPUTS,
+            f"unknown output {o['name']!r}; this model has {list(OUTPUTS)}",
+            "unknown_output",
+        )
+        _expect(_optional(o, "parameters", dict), "an output's 'parameters' must be an object")
+        _expect(
+            _optional(o.get("parameters", {}), "binary_data", bool),
+            "'binary_data' must be true or false",
+        )
     spec = inputs[0]
-    params = spec.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise _bad("'parameters' must be an object")
-    size = params.get("binary_data_size")
-    if size is not None and not _is_int(size):
-        raise _bad("'binary_data_size' must be a non-negative integer", "invalid_tensor")
+    _expect(spec.get("name") == "image", "the input tensor must be named 'image'", "invalid_tensor")
+    _expect(
+        spec.get("datatype") in ("UINT8", "BYTES"),
+        "image must be UINT8 [N,S,S,3] or BYTES [N]",
+        "invalid_datatype",
+    )
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not shape or not all(_is_int(d) for d in shape):
-        raise _bad("'shape' must be a list of non-negative integers", "invalid_shape")
+    _expect(
+        isinstance(shape, list) and bool(shape) and all(_is_int(d) for d in shape),
+        "'shape' must be a non-empty list of non-negative integers",
+        "invalid_shape",
+    )
+    _expect(_optional(spec, "parameters", dict), "'parameters' must be an object")
+    size = spec.get("parameters", {}).get("binary_data_size")
+    _expect(
+        size is None or _is_int(size),
+        "'binary_data_size' must be a non-negative integer",
+        "invalid_tensor",
+    )
+    _expect(_optional(spec, "data", list), "'data' must be a list", "invalid_tensor")
+    # The schema is met; now what this server can do with it.
+    _expect(
+        size is not None or "data" in spec,
+        "'data' must be a list (or use the binary tensor extension)",
+        "invalid_tensor",
+    )
     if shape[0] > MAX_BATCH:
         raise ApiError(413, "batch_too_large", f"at most {MAX_BATCH} images per request")
-    if size is None and not isinstance(spec.get("data"), list):
-        raise _bad("'data' must be a list (or use the binary tensor extension)", "invalid_tensor")
     return header
 
 
 def _bytes_elements(spec: dict, blob: bytes, offset: int) -> tuple[list[bytes], int]:
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    size = spec.get("parameters", {}).get("binary_data_size")
     if size is not None:
         raw, out = blob[offset : offset + size], []
         if len(raw) != size:
@@ -219,12 +345,10 @@ def _batch(
 ) -> tuple[np.ndarray, dict]:
     dtype, shape = spec.get("datatype"), spec.get("shape")
     s = model.input_size
-    if spec.get("name") != "image":
-        raise ApiError(400, "invalid_tensor", "the input tensor must be named 'image'")
     if dtype == "UINT8":
         if len(shape) != 4 or shape[1:] != [s, s, 3]:
             raise ApiError(400, "invalid_shape", f"UINT8 image must have shape [N, {s}, {s}, 3]")
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        size = spec.get("parameters", {}).get("binary_data_size")
         if size is not None:
             values = np.frombuffer(blob[:size], dtype=np.uint8)
         else:
@@ -249,6 +373,10 @@ def _batch(
             raise ApiError(413, "batch_too_large", f"at most {MAX_BATCH} images per request")
         if not files:
             raise ApiError(400, "invalid_tensor", "BYTES image tensor is empty")
+        if shape != [len(files)]:
+            raise _bad(
+                f"BYTES shape {shape} does not match its {len(files)} elements", "invalid_shape"
+            )
         frames = []
         for data in files:
             if len(data) > limits.max_upload_bytes:
@@ -263,8 +391,8 @@ def _batch(
 
 def _encode_outputs(header: dict, tensors: dict[str, np.ndarray]) -> tuple[list[dict], bytes]:
     """Output tensors as OIP JSON, or as binary data where the request asked for it."""
-    asked = {o["name"]: o.get("parameters") or {} for o in header.get("outputs") or []}
-    all_binary = bool((header.get("parameters") or {}).get("binary_data_output"))
+    asked = {o["name"]: o.get("parameters", {}) for o in header.get("outputs", [])}
+    all_binary = header.get("parameters", {}).get("binary_data_output", False)
     outputs, blob = [], []
     for name, values in tensors.items():
         if asked and name not in asked:
@@ -280,44 +408,51 @@ def _encode_outputs(header: dict, tensors: dict[str, np.ndarray]) -> tuple[list[
     return outputs, b"".join(blob)
 
 
-@router.get("/v2/health/live", dependencies=[Depends(health_scope)])
+HEALTH = [Depends(health_scope)]  # public unless THYROID_CAD_PUBLIC_HEALTH=false
+
+
+@router.get("/v2/health/live", dependencies=HEALTH, responses=oip_errors(401))
 def live():
     """OIP liveness."""
     return {"live": True}
 
 
-@router.get("/v2/health/ready", dependencies=[Depends(health_scope)])
+@router.get(
+    "/v2/health/ready",
+    dependencies=HEALTH,
+    responses={
+        **oip_errors(401),
+        503: {
+            "description": "Not ready: the served model is not loaded.",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+    },
+)
 def ready(request: Request):
     """OIP readiness: 200 when the served model is loaded."""
     ok = request.app.state.models.ready
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/v2", dependencies=[Depends(health_scope)])
+@router.get("/v2", dependencies=HEALTH, responses=oip_errors(401))
 def server_metadata():
     """OIP server metadata."""
     return {"name": "thyroid-cad", "version": "1", "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/v2/models/{name}", dependencies=[Depends(health_scope)], responses=OIP_ERRORS)
-@router.get(
-    "/v2/models/{name}/versions/{version}",
-    dependencies=[Depends(health_scope)],
-    responses=OIP_ERRORS,
-)
-def model_metadata(request: Request, name: str, version: str | None = None):
-    """OIP model metadata: tensors, datatypes, shapes."""
+@router.get("/v2/models/{name}", dependencies=HEALTH, responses=METADATA_ERRORS)
+def model_metadata(request: Request, name: str):
+    """OIP model metadata of the served version: tensors, datatypes, shapes."""
+    return _metadata(_model(request, name, None))
+
+
+@router.get("/v2/models/{name}/versions/{version}", dependencies=HEALTH, responses=METADATA_ERRORS)
+def version_metadata(request: Request, name: str, version: Version):
+    """OIP model metadata of one version."""
     return _metadata(_model(request, name, version))
 
 
-@router.get("/v2/models/{name}/ready", dependencies=[Depends(health_scope)], responses=OIP_ERRORS)
-@router.get(
-    "/v2/models/{name}/versions/{version}/ready",
-    dependencies=[Depends(health_scope)],
-    responses=OIP_ERRORS,
-)
-def model_ready(request: Request, name: str, version: str | None = None):
-    """OIP model readiness."""
+def _ready(request: Request, name: str, version: str | None):
     try:
         _model(request, name, version)
     except ApiError as e:
@@ -325,12 +460,36 @@ def model_ready(request: Request, name: str, version: str | None = None):
     return {"name": name, "ready": True}
 
 
-@infer_router.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY, responses=OIP_ERRORS)
-@infer_router.post(
-    "/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY, responses=OIP_ERRORS
+@router.get("/v2/models/{name}/ready", dependencies=HEALTH, responses=METADATA_ERRORS)
+def model_ready(request: Request, name: str):
+    """OIP model readiness (the served version)."""
+    return _ready(request, name, None)
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/ready", dependencies=HEALTH, responses=METADATA_ERRORS
 )
-async def infer(request: Request, key: PredictKey, name: str, version: str | None = None):
-    """OIP inference: probabilities and heatmap tensors."""
+def version_ready(request: Request, name: str, version: Version):
+    """OIP readiness of one version (loaded on first use)."""
+    return _ready(request, name, version)
+
+
+INFER_DOC = {"openapi_extra": INFER_BODY, "responses": {**INFER_OK, **INFER_ERRORS}}
+
+
+@infer_router.post("/v2/models/{name}/infer", **INFER_DOC)
+async def infer(request: Request, key: PredictKey, name: str):
+    """OIP inference with the served version: probabilities and heatmap tensors."""
+    return await _infer(request, key, name, None)
+
+
+@infer_router.post("/v2/models/{name}/versions/{version}/infer", **INFER_DOC)
+async def infer_version(request: Request, key: PredictKey, name: str, version: Version):
+    """OIP inference with one version."""
+    return await _infer(request, key, name, version)
+
+
+async def _infer(request: Request, key, name: str, version: str | None):
     with Audited(request, "/v2/models/{name}/infer", key) as audited:
         model = _model(request, name, version)
         audited.record.update(model_name=model.name, model_version=model.version)

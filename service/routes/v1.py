@@ -5,18 +5,20 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 
 from service import heatmaps, inference
 from service.config import Settings
 from service.deps import AdminKey, Audited, PredictKey, auth_first
 from service.errors import ApiError
 from service.models import ModelManager
-from service.schemas import DISCLAIMER, ErrorOut, PredictResponse, TimingsOut
+from service.routes import formats
+from service.schemas import DISCLAIMER, SQL_INT_MAX, ErrorOut, PredictResponse, TimingsOut
 
 
 def errors(*statuses: int) -> dict:
@@ -31,7 +33,18 @@ def errors(*statuses: int) -> dict:
         422: "A parameter fails the schema.",
         503: "No model loaded, the queue is full (Retry-After), or a dependency is down.",
     }
-    return {s: {"model": ErrorOut, "description": why[s]} for s in statuses}
+    return {s: {"model": ErrorOut, "description": why[s]} | extra(s) for s in statuses}
+
+
+def extra(status: int) -> dict:
+    """What an error answer carries besides its body: Retry-After on 503 overloaded."""
+    if status != 503:
+        return {}
+    retry = {
+        "description": "Seconds to wait (when the queue is full).",
+        "schema": {"type": "integer"},
+    }
+    return {"headers": {"Retry-After": retry}}
 
 
 PREDICT_ERRORS = errors(400, 401, 403, 404, 413, 415, 422, 503)
@@ -55,7 +68,11 @@ TimeQ = Annotated[
 ]
 
 # Predict routes check the key before the upload is parsed (see deps.auth_first).
-predict = APIRouter(tags=["v1"], route_class=auth_first("predict"), responses=PREDICT_ERRORS)
+predict = APIRouter(
+    tags=["v1"],
+    route_class=auth_first("predict"),
+    responses={**PREDICT_ERRORS, **formats.RESPONSES},
+)
 router = APIRouter(tags=["v1"])
 
 
@@ -76,7 +93,8 @@ def predict_upload(
     alias: str | None = None,
     version: int | None = None,
     name: str | None = None,
-) -> JSONResponse:
+    options: formats.Options = formats.JSON,
+) -> Response:
     with Audited(request, route, key) as audited:
         settings: Settings = request.app.state.settings
         model, via = request.app.state.models.get(alias=alias, version=version, name=name)
@@ -88,17 +106,21 @@ def predict_upload(
         if class_name is not None and class_name not in names:  # before any decoding work
             raise ApiError(400, "unknown_class", f"class must be one of {names}")
         read_s = time.perf_counter() - t0
-        prepared = inference.prepare(data, model.input_size, settings.max_image_pixels)
+        prepared = inference.prepare(
+            data, model.input_size, settings.max_image_pixels, options.frame
+        )
         audited.record.update(
             content_type=prepared.content_type,
             image_height=prepared.rgb.shape[0],
             image_width=prepared.rgb.shape[1],
         )
+        source = formats.source_header(options.format, data, prepared)
         scored = inference.score(model, prepared)
         prediction = scored.prediction
         index = names.index(class_name or prediction.label)
+        mode = heatmap if options.format == "json" else "none"  # SR and FHIR carry none
         rendered = heatmaps.render_heatmap(
-            model, scored.heatmap, index, heatmap, prepared.rgb, prepared.geometry
+            model, scored.heatmap, index, mode, prepared.rgb, prepared.geometry
         )
         timings = TimingsOut(
             decode_ms=(read_s + prepared.decode_s) * 1e3,
@@ -121,10 +143,17 @@ def predict_upload(
             probabilities=prediction.probabilities,
             timings={k: round(v, 3) for k, v in timings.model_dump().items()},
         )
+        if options.format != "json":
+            answer = formats.render(
+                options.format, source, scored, body.model, audited.record["request_id"]
+            )
+        else:
+            answer = JSONResponse(
+                body.model_dump(by_alias=True),
+                headers={"X-Request-ID": audited.record["request_id"]},
+            )
         audited.finish(200)
-        return JSONResponse(
-            body.model_dump(by_alias=True), headers={"X-Request-ID": audited.record["request_id"]}
-        )
+        return answer
 
 
 @predict.post("/v1/predict", response_model=PredictResponse)
@@ -132,12 +161,15 @@ def predict_default(
     request: Request,
     key: PredictKey,
     file: Upload,
+    options: formats.OptionsDep,
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
     alias: Annotated[str | None, Query(min_length=1, description="e.g. challenger")] = None,
 ):
     """Classify one ultrasound image with the champion (or ?alias=) model."""
-    return predict_upload(request, file, key, "/v1/predict", heatmap, class_name, alias=alias)
+    return predict_upload(
+        request, file, key, "/v1/predict", heatmap, class_name, alias=alias, options=options
+    )
 
 
 @predict.post("/v1/models/{name}/predict", response_model=PredictResponse)
@@ -146,29 +178,35 @@ def predict_alias(
     name: str,
     key: PredictKey,
     file: Upload,
+    options: formats.OptionsDep,
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
     alias: Annotated[str, Query(min_length=1, description="Registry alias.")] = "champion",
 ):
     """Classify with the version an alias of this model points at."""
     route = "/v1/models/{name}/predict"
-    return predict_upload(request, file, key, route, heatmap, class_name, alias=alias, name=name)
+    return predict_upload(
+        request, file, key, route, heatmap, class_name, alias=alias, name=name, options=options
+    )
 
 
 @predict.post("/v1/models/{name}/versions/{version}/predict", response_model=PredictResponse)
 def predict_version(
     request: Request,
     name: str,
-    version: Annotated[int, Path(ge=1, description="Registered model version (1, 2, ...).")],
+    version: Annotated[
+        int, Path(ge=1, le=SQL_INT_MAX, description="Registered model version (1, 2, ...).")
+    ],
     key: PredictKey,
     file: Upload,
+    options: formats.OptionsDep,
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
 ):
     """Classify with one pinned model version."""
     route = "/v1/models/{name}/versions/{version}/predict"
     return predict_upload(
-        request, file, key, route, heatmap, class_name, version=version, name=name
+        request, file, key, route, heatmap, class_name, version=version, name=name, options=options
     )
 
 
@@ -186,11 +224,13 @@ def models(request: Request, key: PredictKey):
 
 
 def _when(value: str | None, name: str) -> datetime | None:
+    """The query's date or date-time in UTC (no offset: UTC); 400 if it is no such thing."""
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(re.sub(r"Z$", "+00:00", value))
-    except ValueError as e:
+        when = datetime.fromisoformat(re.sub(r"Z$", "+00:00", value))
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (ValueError, OverflowError) as e:  # 2026-02-30; 0001-01-01T00:00+01:00
         raise ApiError(400, "invalid_datetime", f"{name}: {e}") from e
 
 
@@ -200,10 +240,10 @@ def requests(
     key: AdminKey,
     start: TimeQ = None,
     end: TimeQ = None,
-    model_version: Annotated[int | None, Query(ge=1)] = None,
+    model_version: Annotated[int | None, Query(ge=1, le=SQL_INT_MAX)] = None,
     label: Annotated[str | None, Query(min_length=1)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Annotated[int, Query(ge=0, le=SQL_INT_MAX)] = 0,
 ):
     """The request audit trail, newest first (admin keys only)."""
     since, until = _when(start, "start"), _when(end, "end")
@@ -211,6 +251,6 @@ def requests(
         rows, total = request.app.state.audit.query(
             since, until, model_version, label, limit, offset
         )
-    except Exception as e:
+    except SQLAlchemyError as e:  # the database, not the query, is the problem
         raise ApiError(503, "audit_unavailable", "the audit database is unreachable") from e
     return {"total": total, "limit": limit, "offset": offset, "requests": rows}
