@@ -366,21 +366,8 @@ def test_spark_engine_matches_v1_and_local_and_resumes(
     listing = tmp_path / "todo.txt"
     missing = str(archive_root / "special" / "gone.png")
     listing.write_text("\n".join([*all_paths, missing]) + "\n")
-    summary = _score(
-        str(listing),
-        "--out",
-        str(out),
-        "--model",
-        ref,
-        "--engine",
-        "spark",
-        "--master",
-        "local[2]",
-        "--spark-read",
-        "paths",
-        "--chunk-size",
-        "200",
-    )
+    on_spark = ("--model", ref, "--engine", "spark", "--master", "local[2]")
+    summary = _score(str(listing), "--out", str(out), *on_spark, "--spark-read", "paths")
     assert summary["skipped_already_scored"] == 110
     assert summary["scored_now"] == len(all_paths) + 1 - 110
     rows = _by_path(_rows(out))
@@ -389,17 +376,7 @@ def test_spark_engine_matches_v1_and_local_and_resumes(
     _check_against_v1(rows, v1_answers, served_module)
 
     # binaryfile on a missing file: the driver writes its row (Spark would fail the job).
-    gone = _score(
-        str(listing),
-        "--out",
-        str(tmp_path / "other"),
-        "--model",
-        ref,
-        "--engine",
-        "spark",
-        "--master",
-        "local[2]",
-    )
+    gone = _score(str(listing), "--out", str(tmp_path / "other"), *on_spark)
     assert gone["errors_for_this_version"]["not_found"] == 1
 
     # Both engines, the same numbers; Spark reads the whole output as one table.
