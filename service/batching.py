@@ -28,7 +28,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-Outputs = tuple[np.ndarray, np.ndarray | None]  # probabilities, heatmap (or None)
+Outputs = dict[str, np.ndarray]  # the graph's outputs by name, each N x ...
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,17 @@ class _Request:
 
 @dataclass(frozen=True)
 class Result:
-    probabilities: np.ndarray
-    heatmap: np.ndarray | None
+    outputs: Outputs  # every output of the graph, by name (rows of this request only)
     queue_s: float  # time spent waiting before its batch ran
     batch_size: int  # frames in the onnxruntime call that served it
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.outputs["probabilities"]
+
+    @property
+    def heatmap(self) -> np.ndarray | None:
+        return self.outputs.get("heatmap")
 
 
 class Batcher:
@@ -118,13 +125,11 @@ class Batcher:
                 self._queued_frames += len(frames)
                 self._cond.notify()
         if closed:  # outside the lock: the worker may still be draining the queue
-            probs, maps = self._run(frames)
-            return Result(probs, maps, 0.0, len(frames))
+            return Result(self._run(frames), 0.0, len(frames))
         request.done.wait()
         if request.error is not None:
             raise request.error
-        probs, maps = request.outputs
-        return Result(probs, maps, request.queue_s, request.batch_size)
+        return Result(request.outputs, request.queue_s, request.batch_size)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop taking requests; finish those queued, then end the worker."""
@@ -173,13 +178,13 @@ class Batcher:
         """Run one batch and hand each request its rows."""
         start = time.perf_counter()
         frames = batch[0].frames if len(batch) == 1 else np.concatenate([r.frames for r in batch])
-        probs, maps = self._run(frames)
+        out = self._run(frames)
         took = time.perf_counter() - start
         self._busy_s = 0.8 * self._busy_s + 0.2 * took if self._busy_s else took
         outputs, row = [], 0
         for r in batch:  # split first: a malformed output fails every request alike
             n = len(r.frames)
-            outputs.append((probs[row : row + n], None if maps is None else maps[row : row + n]))
+            outputs.append({name: value[row : row + n] for name, value in out.items()})
             row += n
         for r, out in zip(batch, outputs, strict=True):
             r.outputs, r.queue_s, r.batch_size = out, start - r.enqueued, len(frames)

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from registry import store
-from service.batching import Batcher, BatchPolicy, Overloaded, Result
+from service.batching import Batcher, BatchPolicy, Outputs, Overloaded, Result
 from service.errors import ApiError
 from thyroid_cad import imaging, nodule
 from thyroid_cad.files import sha256_file
@@ -114,10 +114,12 @@ class LoadedModel:
 
     @property
     def output_names(self) -> list[str]:
-        return ["probabilities"] + (["heatmap"] if self.has_heatmap else [])
+        """Every output of the graph: `probabilities`, then any of `heatmap` and others."""
+        return [o.name for o in self.session.get_outputs()]
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities N x K, heatmap N x h x w x K or None) for uint8 N x S x S x 3."""
+    def run(self, batch: np.ndarray) -> Outputs:
+        """The graph's outputs by name (`probabilities` N x K, `heatmap` N x h x w x K
+        when the card has one, and any others) for uint8 N x S x S x 3."""
         names = self.output_names
         if self.io_binding:
             binding = self.session.io_binding()
@@ -128,7 +130,7 @@ class LoadedModel:
             out = binding.copy_outputs_to_cpu()
         else:
             out = self.session.run(names, {"image": batch})
-        return out[0], (out[1] if self.has_heatmap else None)
+        return dict(zip(names, out, strict=True))
 
     def infer(self, batch: np.ndarray) -> Result:
         """Run through this model's batcher (queued with other requests' frames).
@@ -137,8 +139,7 @@ class LoadedModel:
             ApiError: 503 `overloaded` with Retry-After when the queue is full.
         """
         if self.batcher is None:
-            probs, maps = self.run(batch)
-            return Result(probs, maps, 0.0, len(batch))
+            return Result(self.run(batch), 0.0, len(batch))
         try:
             return self.batcher.submit(batch)
         except Overloaded as e:
@@ -220,7 +221,7 @@ def load(resolved: store.Resolved, runtime: Runtime, on_event=None) -> LoadedMod
     )
     size = model.input_size
     try:
-        probs, _ = model.run(np.zeros((1, size, size, 3), dtype=np.uint8))
+        probs = model.run(np.zeros((1, size, size, 3), dtype=np.uint8))["probabilities"]
     except Exception as e:
         raise ValueError(f"{resolved.name} v{resolved.version} fails its warm-up: {e}") from e
     if probs.shape != (1, len(card["class_names"])) or not np.all(np.isfinite(probs)):

@@ -71,7 +71,9 @@ class Gate:
             raise RuntimeError("poisoned frame")
         values = frames[:, 0, 0, 0].astype(np.float32)
         probs = np.stack([values, -values], axis=1)
-        return probs, (frames.astype(np.float32) if self.heatmap else None)
+        return {"probabilities": probs} | (
+            {"heatmap": frames.astype(np.float32)} if self.heatmap else {}
+        )
 
 
 class Client:
@@ -278,8 +280,9 @@ def test_a_failure_after_run_does_not_strand_the_batch(batchers):
     def bad_run(frames):
         calls.append(len(frames))
         if len(calls) == 1:
-            return np.zeros((len(frames), 2), np.float32), object()  # unsliceable heatmap
-        return np.zeros((len(frames), 2), np.float32), None
+            # an unsliceable heatmap
+            return {"probabilities": np.zeros((len(frames), 2), np.float32), "heatmap": object()}
+        return {"probabilities": np.zeros((len(frames), 2), np.float32)}
 
     batcher = Batcher(bad_run, BatchPolicy(max_batch_size=1, max_queue_delay_s=0.0), "bad")
     try:
