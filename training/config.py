@@ -70,7 +70,12 @@ def check_types(values: dict, where: str) -> None:
         allowed = tuple(t for k in kinds for t in _TYPES.get(k, ()))
         wrong_bool = isinstance(value, bool) and bool not in allowed
         if not isinstance(value, allowed) or wrong_bool:
-            raise ValueError(f"{where}: {key} must be {annotations[key]}, got {value!r}")
+            hint = (
+                " (YAML reads off/on/no/yes unquoted as booleans: write 'off')"
+                if isinstance(value, bool) and str in allowed
+                else ""
+            )
+            raise ValueError(f"{where}: {key} must be {annotations[key]}, got {value!r}{hint}")
 
 
 def load_train_config(path: str | Path) -> dict:
