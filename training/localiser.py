@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 
 from thyroid_cad import imaging, nodule
 from thyroid_cad.files import sha256_file
-from training import export, pipeline, tracking
+from training import export, models, pipeline, tracking
 from training.annotations import Annotation, read_annotations
 from training.audit import inspect_all
 from training.data import DataError, Dataset, Record
@@ -491,7 +491,7 @@ def train_localiser(cfg: LocaliserConfig) -> str:
             mlflow.log_artifacts(str(tmp_path / "plots"), "plots")
             model_dir = tmp_path / "model"
             model_dir.mkdir()
-            model.save(model_dir / "localiser.keras")
+            model.save(model_dir / models.UNET_WEIGHTS_FILE)
             mlflow.log_artifacts(str(model_dir), "model")
             card_extra = {
                 "architecture": {
@@ -541,4 +541,11 @@ def export_run(run_id: str, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (ONNX_FILE, CARD_FILE):
         (out_dir / name).write_bytes((local / name).read_bytes())
+    try:  # the trained Keras model too: the unet backbone's weights (--weights FOLDER)
+        keras_file = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"model/{models.UNET_WEIGHTS_FILE}"
+        )
+        (out_dir / models.UNET_WEIGHTS_FILE).write_bytes(Path(keras_file).read_bytes())
+    except Exception as e:  # MlflowException: a run logged before the model was kept
+        log.warning("run %s has no Keras localiser model (%s); ONNX and card only", run_id, e)
     return json.loads((out_dir / CARD_FILE).read_text())

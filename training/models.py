@@ -18,13 +18,14 @@ from keras import layers, ops
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("tiny", "vgg16", "vgg19", "resnet50", "efficientnetb0")
+BACKBONES = ("tiny", "unet", "vgg16", "vgg19", "resnet50", "efficientnetb0")
 STRATEGIES = ("frozen", "partial", "full", "two-phase")
 
 # Block names of each backbone, input to output; a layer belongs to the block its
 # name starts with. Partial fine-tuning unfreezes the last N of these.
 BLOCKS = {
     "tiny": ("block1", "block2", "block3", "block4"),
+    "unet": ("down0", "down1", "down2", "down3", "bottleneck"),
     "vgg16": ("block1", "block2", "block3", "block4", "block5"),
     "vgg19": ("block1", "block2", "block3", "block4", "block5"),
     "resnet50": ("conv1", "conv2", "conv3", "conv4", "conv5"),
@@ -122,13 +123,49 @@ def tiny_backbone(image_size: int) -> keras.Model:
     return keras.Model(inputs, x, name="backbone")
 
 
+# The localiser's encoder, pooled: its first bottleneck convolution (after BN and ReLU).
+UNET_FEATURES = "bottleneck_relu1"
+UNET_WEIGHTS_FILE = "localiser.keras"
+
+
+def unet_backbone(image_size: int, weights: str | None) -> keras.Model:
+    """The nodule localiser's U-Net encoder (training.localiser.build_unet, down to the
+    bottleneck), from scratch or with a trained localiser's weights.
+
+    A localiser learns from dense outlines of about a thousand thyroid nodules and
+    breast lesions, far more supervision than ~500 benign/malignant labels; its encoder
+    is the one backbone here that has seen what a nodule looks like (docs/results.md).
+    Being fully convolutional, it takes any input size.
+    """
+    from training.localiser import build_unet  # localiser -> export -> models: no cycle
+
+    unet = build_unet(image_size)
+    if weights is not None:
+        if weights == "imagenet":
+            raise ValueError("the unet backbone has no ImageNet weights; pass a localiser")
+        trained = keras.saving.load_model(weights, compile=False)
+        try:
+            for layer in unet.layers:
+                if layer.weights and not layer.name.startswith("up"):
+                    layer.set_weights(trained.get_layer(layer.name).get_weights())
+        except ValueError as e:
+            raise ValueError(f"{weights} is not a localiser with the default widths: {e}") from e
+    return keras.Model(unet.input, unet.get_layer(UNET_FEATURES).output, name="backbone")
+
+
 def resolve_weights(weights: str | None) -> str | None:
-    """'imagenet', 'none' or a local weights file -> what keras.applications takes."""
+    """'imagenet', 'none' or a local weights file -> what keras.applications takes.
+
+    A folder holding a localiser's Keras file (`thyroid-cad localiser export`) stands
+    for that file (the unet backbone's weights).
+    """
     if weights in (None, "", "none"):
         return None
     if weights == "imagenet":
         return "imagenet"
     path = Path(weights).expanduser()
+    if path.is_dir() and (path / UNET_WEIGHTS_FILE).is_file():
+        path = path / UNET_WEIGHTS_FILE
     if not path.is_file():
         raise ValueError(f"weights must be 'imagenet', 'none' or an existing file; got {weights!r}")
     return str(path)
@@ -145,6 +182,8 @@ def build_backbone(backbone: str, image_size: int, weights: str | None) -> keras
         if weights is not None:
             raise ValueError("the tiny backbone has no pretrained weights; use --weights none")
         return tiny_backbone(image_size)
+    if backbone == "unet":
+        return unet_backbone(image_size, weights)
     try:
         base = _KERAS_APPS[backbone](
             include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
