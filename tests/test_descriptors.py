@@ -227,3 +227,25 @@ def test_v2_returns_descriptor_tensors_by_name(desc_client):
     outputs = {o["name"]: o for o in r.json()["outputs"]}
     assert set(outputs) == {"descriptor_margin", "probabilities"}
     assert outputs["descriptor_margin"]["shape"] == [1, len(tirads.categories("margin"))]
+
+
+def test_estimates_reach_the_structured_findings():
+    from service import findings, inference
+    from service.schemas import ModelOut
+
+    card = {"class_names": ["benign", "malignant"], "threshold": 0.5, "descriptors": {}}
+    card["descriptors"] = {"margin": tirads.categories("margin")}
+    plain = inference.decide(card, np.array([0.3, 0.7]))
+    shape = type("Shape", (), {"taller_than_wide": True})()
+    pred = inference.with_descriptors(
+        card, plain, {"descriptor_margin": np.array([0.1, 0.1, 0.7, 0.1])}, shape
+    )
+    assert pred.descriptors[0].value == "lobulated or irregular"
+    assert (pred.tirads.points, pred.tirads.shape_points, pred.tirads.level) == (5, 3, "TR4")
+    model = ModelOut(
+        name="m", version=1, alias=None, source_run_id=None, onnx_sha256="0" * 64, provider="cpu"
+    )
+    found = findings.finding(model, pred, descriptors=pred.descriptors, tirads=pred.tirads)
+    assert found.tirads_level == "TR4" and found.descriptors[0].points == 2
+    # Models without heads: the prediction is left as it was.
+    assert inference.with_descriptors({**card, "descriptors": {}}, plain, {}, None) is plain
