@@ -136,7 +136,10 @@ def train(
     ] = 0.90,
     progressive_via: Annotated[
         Path | None,
-        typer.Option(help="Intermediate dataset (radiographs) for progressive transfer."),
+        typer.Option(
+            help="Intermediate dataset for progressive transfer: radiographs (chest-xray) or "
+            "ultrasound (breast-us: its images/ folder of benign / malignant / normal)."
+        ),
     ] = None,
     via_epochs: Annotated[
         int | None, typer.Option(help="Epochs on the intermediate dataset.")
@@ -167,6 +170,14 @@ def train(
         str | None,
         typer.Option(help="Localiser: its MLflow run id, export folder or localiser.onnx."),
     ] = None,
+    descriptors: Annotated[
+        bool,
+        typer.Option(
+            help="Also train ACR TI-RADS descriptor heads (composition, echogenicity, margin, "
+            "echogenic foci) from the annotation file, loss masked where a descriptor is "
+            "missing; softmax classifier only (ignored, with a note, for svm / rf)."
+        ),
+    ] = False,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
     config: Annotated[
         Path | None,

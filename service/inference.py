@@ -15,7 +15,7 @@ from service import decoding
 from service.errors import ApiError
 from service.models import LoadedModel
 from service.schemas import ModelOut, PredictionOut, RoiOut, ShapeOut
-from thyroid_cad import imaging, nodule
+from thyroid_cad import imaging, nodule, tirads
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,26 @@ def decide(card: dict, probs: np.ndarray) -> PredictionOut:
     )
 
 
+def with_descriptors(
+    card: dict, prediction: PredictionOut, outputs: dict, shape: ShapeOut | None
+) -> PredictionOut:
+    """The prediction with TI-RADS descriptor estimates and points, for models whose card
+    lists `descriptors` (read from the `descriptor_<name>` outputs, by name); others as is.
+
+    `outputs` holds one image's row of every graph output.
+    """
+    heads = card.get("descriptors") or {}
+    if not heads:
+        return prediction
+    found, estimate = tirads.describe(
+        {d: outputs[f"descriptor_{d}"] for d in heads},
+        None if shape is None else shape.taller_than_wide,
+    )
+    return PredictionOut.model_validate(
+        {**prediction.model_dump(), "descriptors": found, "tirads": estimate}
+    )
+
+
 def describe_model(model: LoadedModel, alias: str | None) -> ModelOut:
     return ModelOut(
         name=model.name,
@@ -178,11 +198,18 @@ def score(model: LoadedModel, prepared: Prepared) -> Scored:
     t0 = time.perf_counter()
     result = model.infer(prepared.square[None])
     waited = time.perf_counter() - t0
+    shape = prepared.located.shape if prepared.located else None
+    prediction = with_descriptors(
+        model.card,
+        decide(model.card, result.probabilities[0]),
+        {name: values[0] for name, values in result.outputs.items()},
+        shape,
+    )
     return Scored(
         prepared=prepared,
         probabilities=result.probabilities[0],
         heatmap=None if result.heatmap is None else result.heatmap[0],
-        prediction=decide(model.card, result.probabilities[0]),
+        prediction=prediction,
         queue_s=result.queue_s,
         inference_s=waited - result.queue_s,
         batch_size=result.batch_size,

@@ -37,12 +37,41 @@ class ModelOut(BaseModel):
     provider: str
 
 
+class DescriptorOut(BaseModel):
+    """One ACR TI-RADS descriptor as the model estimates it (models with descriptor heads)."""
+
+    descriptor: str = Field(description="composition, echogenicity, margin or echogenic_foci.")
+    value: str = Field(description="The most probable ACR category.")
+    probability: float = Field(description="The model's probability of that category.")
+    points: int = Field(description="ACR TI-RADS points of that category.")
+
+
+class TiradsOut(BaseModel):
+    """ACR TI-RADS points and level from the descriptor estimates (and the nodule's shape
+    where the localiser outlined it): a model estimate, not a radiologist's reading."""
+
+    points: int
+    level: str = Field(description="TR1 to TR5.")
+    complete: bool = Field(description="Every category, shape included, was estimated.")
+    shape_points: int | None = Field(
+        None, description="Taller-than-wide points from the returned shape; null without one."
+    )
+    estimate: Literal[True] = True
+    note: str
+
+
 class PredictionOut(BaseModel):
     label: str = Field(description="Most probable class.")
     probabilities: dict[str, float]
     positive_class: str
     threshold: float = Field(description="Operating point on P(positive class), from validation.")
     decision: str = Field(description="Label at the operating point.")
+    descriptors: list[DescriptorOut] | None = Field(
+        None, description="TI-RADS descriptor estimates; null for models without the heads."
+    )
+    tirads: TiradsOut | None = Field(
+        None, description="TI-RADS points and level estimated from them; null without heads."
+    )
 
 
 class HeatmapOut(BaseModel):

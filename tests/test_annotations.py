@@ -36,7 +36,10 @@ def test_phantom_writes_ddti_style_annotations(tmp_path):
     with (out / "annotations.csv").open(newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert reader.fieldnames == ["image", "case_id", "nodule_box_xywh", "nodule_polygons"]
+    assert reader.fieldnames == [
+        "image", "case_id", "nodule_box_xywh", "nodule_polygons",
+        "composition", "echogenicity", "margins", "calcifications",
+    ]  # fmt: skip
     manifest = (out / "manifest.csv").read_text().splitlines()[1:]
     assert [f"{r['image']},{r['case_id']}" for r in rows] == manifest
     for r in rows:

@@ -3,6 +3,8 @@
 Accepted layouts (the ones hospitals and Kaggle use):
     ROOT/<class>/*            one pool, split later
     ROOT/<split>/<class>/*    a published split (train/val/test), audited for leaks
+    ROOT/images/<class>/*     images beside other folders (breast-us: images/ and masks/);
+                              paths stay relative to ROOT, as its annotations.csv has them
 An optional manifest CSV (``image`` column relative to ROOT, plus ``case_id`` or
 ``patient_id``) groups images of one case; an optional ``source`` column names the
 scanner / site each image came from (see training.sources). ``manifest.csv`` or
@@ -56,6 +58,8 @@ SPLIT_ALIASES = {
 MANIFEST_NAMES = ("manifest.csv", "cases.csv")
 CASE_COLUMNS = ("case_id", "patient_id", "case", "patient")
 SOURCE_COLUMN = "source"
+# A dataset root whose images are in ROOT/images/<class>/ beside other folders (masks).
+IMAGES_FOLDER = "images"
 
 
 class DataError(ValueError):
@@ -174,7 +178,11 @@ def scan(root: str | Path, manifest: str | Path | None = None) -> Dataset:
         raise DataError(f"dataset folder not found: {root}")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_ALIASES]
-    if split_dirs:
+    images_dir = _images_folder(root) if not split_dirs else None
+    if images_dir is not None:
+        log.info("images/ layout: classes from %s, other folders ignored", images_dir)
+        groups = [(None, c) for c in _class_dirs(images_dir)]
+    elif split_dirs:
         ignored = [d.name for d in subdirs if d not in split_dirs]
         if ignored:
             log.warning("split layout: ignoring folders that are not splits: %s", ignored)
@@ -206,6 +214,17 @@ def scan(root: str | Path, manifest: str | Path | None = None) -> Dataset:
     if cases and not any(r.case_id for r in records):
         raise DataError(f"manifest {manifest_path} names none of the images under {root}")
     return Dataset(root=root, records=records, class_names=class_names, manifest=manifest_path)
+
+
+def _images_folder(root: Path) -> Path | None:
+    """ROOT/images when it holds class folders of images and no image itself (breast-us)."""
+    folder = root / IMAGES_FOLDER
+    if not folder.is_dir() or any(
+        p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir()
+    ):
+        return None
+    with_images = [d for d in _class_dirs(folder) if _images_in(d)]
+    return folder if len(with_images) >= 2 else None
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:

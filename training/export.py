@@ -5,6 +5,9 @@ thyroid_cad.imaging (crop to content + letterbox), dynamic batch. It returns
 `probabilities` (N x K, calibrated) and, for softmax heads, `heatmap`: Grad-CAM of
 every class at the last convolutional resolution (N x h x w x K), exact for the
 GAP -> Dense head (see training.models.CamHead) and computed in the same forward pass.
+Models trained with TI-RADS descriptor heads (`--descriptors`) also return
+`descriptor_<name>` (N x categories, probabilities), one per descriptor; the card's
+`descriptors` lists each one's category labels in output order.
 SVM and Random Forest models are the feature graph and the scikit-learn classifier
 (skl2onnx) merged into one graph; they have no heatmap, and the card says so.
 """
@@ -70,6 +73,11 @@ def serving_model(model: keras.Model, with_heatmap: bool) -> keras.Model:
         out = models.with_heatmaps(model)(x)
         probabilities = layers.Identity(name="probabilities")(out["probabilities"])
         heatmap = _GradCam(name="heatmap")(out["cam"])
+        heads = {k: v for k, v in out.items() if k.startswith(models.DESCRIPTOR_PREFIX)}
+        if heads:  # a dict of outputs: tf2onnx names the graph's outputs by its keys
+            named = {k: layers.Identity(name=k)(v) for k, v in heads.items()}
+            outputs = {"probabilities": probabilities, "heatmap": heatmap, **named}
+            return keras.Model(image, outputs, name="serving")
         return keras.Model(image, [probabilities, heatmap], name="serving")
     features = layers.Identity(name="features")(models.feature_extractor(model)(x))
     return keras.Model(image, features, name="serving_features")
@@ -210,8 +218,14 @@ def export_model(
         raise ValueError(f"parity images must be uint8 N x {size} x {size} x 3")
     has_heatmap = classifier is None
     wrapper = serving_model(model, with_heatmap=has_heatmap)
+    descriptors = dict(info.get("descriptors") or {}) if has_heatmap else {}
     proto = _convert(wrapper, size)
-    if has_heatmap:
+    if descriptors:  # already named by the serving model's output keys
+        names = {o.name for o in proto.graph.output}
+        wanted = {"probabilities", "heatmap", *(models.DESCRIPTOR_PREFIX + d for d in descriptors)}
+        if not wanted <= names:
+            raise ValueError(f"exported graph outputs {sorted(names)}, expected {sorted(wanted)}")
+    elif has_heatmap:
         _rename_outputs(proto, {2: "probabilities", 4: "heatmap"})
     else:
         _rename_outputs(proto, {2: "features"})
@@ -239,6 +253,11 @@ def export_model(
         "probabilities_tolerance": PROBABILITY_TOLERANCE,
     }
     passed = prob_diff < PROBABILITY_TOLERANCE
+    if descriptors:
+        keys = {d: models.DESCRIPTOR_PREFIX + d for d in descriptors}
+        diffs = {d: float(np.max(np.abs(got[k] - np.asarray(ref[k])))) for d, k in keys.items()}
+        parity["descriptors_max_abs_diff"] = diffs
+        passed = passed and max(diffs.values()) < PROBABILITY_TOLERANCE
     if has_heatmap:
         corr = heatmap_correlations(got["heatmap"], keras_gradcam(model, parity_images), size)
         parity.update(
@@ -281,7 +300,13 @@ def export_model(
                 if has_heatmap
                 else {}
             ),
+            **{
+                f"{models.DESCRIPTOR_PREFIX}{d}": f"N x {len(labels)}, probabilities of the "
+                f"ACR TI-RADS {d} categories (card 'descriptors'), a model estimate"
+                for d, labels in descriptors.items()
+            },
         },
+        **({"descriptors": descriptors} if descriptors else {}),
         "heatmap": has_heatmap,
         "heatmap_shape": [d if isinstance(d, int) else None for d in heatmap_shape or []] or None,
         "heatmap_note": None

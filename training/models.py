@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 BACKBONES = ("tiny", "unet", "vgg16", "vgg19", "resnet50", "efficientnetb0")
 STRATEGIES = ("frozen", "partial", "full", "two-phase")
+# Output (and layer) names of the TI-RADS descriptor heads: descriptor_<name>.
+DESCRIPTOR_PREFIX = "descriptor_"
 
 # Block names of each backbone, input to output; a layer belongs to the block its
 # name starts with. Partial fine-tuning unfreezes the last N of these.
@@ -209,8 +211,13 @@ def build_model(
     weights: str | None = None,
     dropout: float = 0.3,
     bn_frozen: bool | None = None,
+    descriptors: dict[str, int] | None = None,
 ) -> keras.Model:
     """Backbone + CamHead; the model's output is the probabilities.
+
+    With `descriptors` ({name: number of categories}, training.descriptors), the model
+    also has one softmax head per TI-RADS descriptor on the pooled features, and its
+    output is a dict: {'probabilities', 'descriptor_<name>', ...}.
 
     BatchNormalization runs in inference mode whenever the backbone starts from
     learned weights (their statistics are worth keeping, and small batches would wreck
@@ -225,14 +232,39 @@ def build_model(
     inputs = keras.Input((image_size, image_size, 3), name="image")
     features = base(inputs, training=False) if bn_frozen else base(inputs)
     probabilities, _ = CamHead(num_classes, dropout, name="cam_head")(features)
+    if descriptors:
+        pooled = layers.GlobalAveragePooling2D(name="descriptor_pool", dtype="float32")(features)
+        pooled = layers.Dropout(dropout, name="descriptor_dropout")(pooled)
+        heads = {
+            f"{DESCRIPTOR_PREFIX}{name}": layers.Dense(
+                n, activation="softmax", dtype="float32", name=f"{DESCRIPTOR_PREFIX}{name}"
+            )(pooled)
+            for name, n in descriptors.items()
+        }
+        return keras.Model(
+            inputs, {"probabilities": probabilities, **heads}, name=f"thyroid_{backbone}"
+        )
     return keras.Model(inputs, probabilities, name=f"thyroid_{backbone}")
 
 
+def descriptor_outputs(model: keras.Model) -> dict:
+    """{'descriptor_<name>': output tensor} of a model's descriptor heads ({} if none)."""
+    return {
+        layer.name: layer.output
+        for layer in model.layers
+        if isinstance(layer, layers.Dense) and layer.name.startswith(DESCRIPTOR_PREFIX)
+    }
+
+
 def with_heatmaps(model: keras.Model) -> keras.Model:
-    """The same weights, returning {'probabilities', 'cam'}: what gets exported."""
+    """The same weights, returning {'probabilities', 'cam'} (and the descriptor heads'
+    'descriptor_<name>' where the model has them): what gets exported."""
     head = model.get_layer("cam_head")
     probabilities, cam = head.output
-    return keras.Model(model.inputs, {"probabilities": probabilities, "cam": cam})
+    return keras.Model(
+        model.inputs,
+        {"probabilities": probabilities, "cam": cam, **descriptor_outputs(model)},
+    )
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

@@ -54,9 +54,11 @@ __all__ = [
 CLASS_NAMES_2 = ("benign", "malignant")
 CLASS_NAMES_3 = ("normal", "benign", "malignant")
 
-#: Nodule boxes and outlines, in the columns of thyroid-seed's ddti-annotations.csv.
+#: Nodule boxes, outlines and TI-RADS descriptors, in the columns (and the spellings) of
+#: thyroid-seed's ddti-annotations.csv.
 ANNOTATIONS = "annotations.csv"
-ANNOTATION_COLUMNS = ("image", "case_id", "nodule_box_xywh", "nodule_polygons")
+DESCRIPTOR_COLUMNS = ("composition", "echogenicity", "margins", "calcifications")
+ANNOTATION_COLUMNS = ("image", "case_id", "nodule_box_xywh", "nodule_polygons", *DESCRIPTOR_COLUMNS)
 
 #: First line of ``README.txt``; it is how a previous phantom directory is recognised.
 README_FIRST_LINE = "SYNTHETIC THYROID ULTRASOUND PHANTOM - thyroid-cad demo-data"
@@ -646,7 +648,25 @@ def _readme(
         "Layout: <class>/<class>_NNNN.png and manifest.csv (columns image,case_id; image is\n"
         "relative to this directory). Split by case_id to avoid leakage between splits.\n"
         f"{ANNOTATIONS}: the drawn nodule's box and outline per image, in the format of\n"
-        "DDTI's annotations (image,case_id,nodule_box_xywh,nodule_polygons; empty for normal).\n"
+        "DDTI's annotations (image,case_id,nodule_box_xywh,nodule_polygons; empty for normal),\n"
+        "and the drawn nodule's TI-RADS descriptors in DDTI's words (composition,\n"
+        "echogenicity,margins,calcifications).\n"
+    )
+
+
+def _descriptors(nod: _Nodule | None) -> tuple[str, str, str, str]:
+    """The drawn nodule's composition, echogenicity, margins and calcifications as DDTI
+    writes them (empty for no nodule; a cyst's echogenicity is left empty, as DDTI often
+    leaves it, so the masked descriptor loss has something to skip)."""
+    if nod is None:
+        return "", "", "", ""
+    echo = {"iso": "isoechogenicity", "hyper": "hyperechogenicity", "cystic": ""}
+    margins = "well defined" if nod.kind != "hypo" else "microlobulated"
+    return (
+        "cystic" if nod.kind == "cystic" else "solid",
+        echo.get(nod.kind, "marked hypoechogenicity"),
+        "spiculated" if nod.spicules is not None else margins,
+        "microcalcifications" if nod.calcs else "non",
     )
 
 
@@ -721,7 +741,14 @@ def generate(out: Path, per_class: int, classes: int = 2, seed: int = 0, size: i
                 fname = f"{name}_{i:04d}.png"
                 Image.fromarray(frame.image).save(cdir / fname, format="PNG", compress_level=3)
                 rows.append((f"{name}/{fname}", case_id))
-                outlines.append((f"{name}/{fname}", case_id, *_box_and_polygons(frame.outline)))
+                outlines.append(
+                    (
+                        f"{name}/{fname}",
+                        case_id,
+                        *_box_and_polygons(frame.outline),
+                        *_descriptors(case.nodule),
+                    )
+                )
                 i += 1
             case_no += 1
             n_cases += 1

@@ -197,15 +197,32 @@ def make_dataset(
     seed: int = 0,
     weights: np.ndarray | None = None,
     scanner_augment: bool = False,
+    extra_targets: dict[str, np.ndarray] | None = None,
 ) -> tf.data.Dataset:
     """Batches of float32 0-255 images, with one-hot labels and sample weights if given.
 
     Elements are ``images``, ``(images, labels)`` or ``(images, labels, weights)``: the
     forms Keras' fit takes (weights scale each image's loss).
+
+    `extra_targets` ({output name: N x C one-hot, all-zero rows where unknown}; the
+    descriptor heads) makes labels and weights dicts by output: ``probabilities`` gets
+    the labels and `weights` (1 without), every extra output its target and a weight of
+    1 where it is known, 0 where not (the masked loss of training.descriptors).
     """
-    if weights is not None and labels is None:
-        raise ValueError("sample weights need labels")
+    if (weights is not None or extra_targets) and labels is None:
+        raise ValueError("sample weights and extra targets need labels")
     parts = [images]
+    if extra_targets:
+        n = len(images)
+        w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
+        parts.append({"probabilities": tf.one_hot(labels, num_classes), **extra_targets})
+        parts.append(
+            {
+                "probabilities": w,
+                **{k: (v.sum(axis=1) > 0).astype(np.float32) for k, v in extra_targets.items()},
+            }
+        )
+        weights = labels = None  # both are in the dicts
     if labels is not None:
         parts.append(tf.one_hot(labels, num_classes))
     if weights is not None:

@@ -269,6 +269,7 @@ def _run_combo(spec: SweepSpec, combo: dict, parent_id: str, done: dict[str, str
                 data=p["data"],
                 manifest=p.get("manifest"),
                 stage="radiograph",
+                descriptors=False,
                 backbone=combo["backbone"],
                 strategy="full",
                 classifier="softmax",

@@ -26,6 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from thyroid_cad.imaging import PREPROCESSING_VERSION, ROI_MARGIN
+from training import descriptors as desc
 from training import evaluate, loso, models, pipeline, roi, sources, tracking
 from training.audit import inspect_all
 from training.data import Dataset, scan
@@ -73,6 +74,7 @@ class TrainConfig:
     roi_jitter: float = 0.0
     annotations: str | None = None
     localiser: str | None = None
+    descriptors: bool = False
     experiment: str = "thyroid-cad"
     run_name: str | None = None
 
@@ -135,10 +137,20 @@ def _subsample(dataset: Dataset, max_images: int | None, seed: int) -> Dataset:
 
 
 def _compile(model: keras.Model, learning_rate: float) -> None:
+    metrics = [keras.metrics.AUC(name="auc"), keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if isinstance(model.output, dict):  # descriptor heads: one masked loss per output
+        heads = [name for name in model.output if name != "probabilities"]
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss={name: keras.losses.CategoricalCrossentropy() for name in model.output},
+            loss_weights={"probabilities": 1.0, **dict.fromkeys(heads, desc.LOSS_WEIGHT)},
+            metrics={"probabilities": metrics},
+        )
+        return
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(),
-        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.CategoricalAccuracy(name="accuracy")],
+        metrics=metrics,
     )
 
 
@@ -245,6 +257,11 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
     k = len(class_names)
     positive = class_names.index(POSITIVE_CLASS) if POSITIVE_CLASS in class_names else k - 1
     labels = np.asarray(dataset.labels)
+    descriptor_codes = None
+    if cfg.descriptors and cfg.classifier == "softmax":
+        descriptor_codes = desc.codes(dataset, cfg.annotations)
+    elif cfg.descriptors:
+        log.warning("descriptors ignored: only the softmax classifier has descriptor heads")
     rois = roi.plan(cfg, dataset, used, idx["train"], infos)
     images = pipeline.load_images(
         [dataset.records[i].path for i in used],
@@ -296,9 +313,16 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 )
         if rois:
             rois.log(dataset)
+        if cfg.descriptors and descriptor_codes is None:
+            mlflow.set_tag("descriptors_note", "ignored: only the softmax classifier has heads")
 
         model = models.build_model(
-            cfg.backbone, k, cfg.image_size, cfg.weights, bn_frozen=cfg.pretrained
+            cfg.backbone,
+            k,
+            cfg.image_size,
+            cfg.weights,
+            bn_frozen=cfg.pretrained,
+            descriptors=desc.head_sizes() if descriptor_codes else None,
         )
         if cfg.init_from:
             source = _load_run_model(cfg.init_from)
@@ -319,6 +343,9 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 seed=cfg.seed,
                 weights=weights if s == "train" else None,
                 scanner_augment=cfg.scanner_augment,
+                extra_targets=desc.one_hot({d: c[idx[s]] for d, c in descriptor_codes.items()})
+                if descriptor_codes
+                else None,
             )
             for s in x
         }
@@ -332,6 +359,14 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 s: model.predict(pipeline.make_dataset(x[s], None, k, cfg.batch_size), verbose=0)
                 for s in ("val", "test")
             }
+            if descriptor_codes:  # {'probabilities', 'descriptor_<name>', ...}
+                metrics_desc = desc.evaluate(
+                    {d: c[idx["train"]] for d, c in descriptor_codes.items()},
+                    {d: c[idx["test"]] for d, c in descriptor_codes.items()},
+                    probs["test"],
+                )
+                probs = {s: p["probabilities"] for s, p in probs.items()}
+                extra["descriptors"] = desc.labels()
             raw_ece = evaluate.expected_calibration_error(y["val"], probs["val"])
             separated = evaluate.confusion(y["val"], probs["val"]).trace() == len(y["val"])
             if separated:
@@ -389,6 +424,10 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
 
         # Results per source, and how far the source and image size alone get.
         metrics.update(_source_evaluation(infos, src, idx, y, probs, positive, cfg.seed))
+        if descriptor_codes:
+            metrics.update(metrics_desc)
+            train_codes = {d: c[idx["train"]] for d, c in descriptor_codes.items()}
+            mlflow.log_dict(desc.table(metrics_desc, train_codes), "descriptors.json")
         mlflow.log_metrics({m: float(v) for m, v in metrics.items() if np.isfinite(v)})
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -482,6 +521,7 @@ def train_progressive(
             manifest=via_manifest,
             stage="radiograph",
             roi="off",
+            descriptors=False,
             strategy="full",
             classifier="softmax",
             epochs=via_epochs or cfg.epochs,

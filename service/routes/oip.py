@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import struct
 import time
 from typing import Annotated
@@ -41,6 +42,14 @@ from service.routes.v1 import extra
 from service.schemas import SQL_INT_MAX
 
 OUTPUTS = ("probabilities", "heatmap")
+# Models with TI-RADS descriptor heads also have descriptor_<name> outputs (card
+# 'descriptors'); every graph output is returned, by name.
+DESCRIPTOR_OUTPUT = re.compile(r"descriptor_[a-z_]+")
+_OUTPUT_NAME = {
+    "type": "string",
+    "pattern": "^(probabilities|heatmap|descriptor_[a-z_]+)$",
+    "description": "probabilities, heatmap, or descriptor_<name> (models with descriptor heads).",
+}
 _TENSOR = {
     "type": "object",
     "required": ["name", "shape", "datatype"],
@@ -95,7 +104,7 @@ INFER_BODY = {
                                 "type": "object",
                                 "required": ["name"],
                                 "properties": {
-                                    "name": {"type": "string", "enum": list(OUTPUTS)},
+                                    "name": _OUTPUT_NAME,
                                     "parameters": {
                                         "type": "object",
                                         "properties": {"binary_data": {"type": "boolean"}},
@@ -138,7 +147,7 @@ _OUTPUT = {
     "type": "object",
     "required": ["name", "datatype", "shape"],
     "properties": {
-        "name": {"type": "string", "enum": list(OUTPUTS)},
+        "name": _OUTPUT_NAME,
         "datatype": {"type": "string", "enum": ["FP32"]},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "data": {"type": "array", "items": {"type": "number"}, "description": "Row-major."},
@@ -213,6 +222,8 @@ def _metadata(model: LoadedModel) -> dict:
     if model.has_heatmap:
         h, w = model.card["heatmap_shape"][1:3]
         outputs.append({"name": "heatmap", "datatype": "FP32", "shape": [-1, h, w, k]})
+    for d, labels in (model.card.get("descriptors") or {}).items():
+        outputs.append({"name": f"descriptor_{d}", "datatype": "FP32", "shape": [-1, len(labels)]})
     return {
         "name": model.name,
         "versions": [str(model.version)],
@@ -223,6 +234,7 @@ def _metadata(model: LoadedModel) -> dict:
             "class_names": model.card["class_names"],
             "alternative_input": "BYTES [-1]: encoded image files",
             "disclaimer": model.card.get("disclaimer"),
+            **({"descriptors": model.card["descriptors"]} if model.card.get("descriptors") else {}),
             **(
                 {
                     "roi_margin": float(model.roi["margin"]),
@@ -300,7 +312,7 @@ def _check_header(header) -> dict:
     for o in header.get("outputs", []):
         _expect(isinstance(o, dict) and isinstance(o.get("name"), str), "outputs need a 'name'")
         _expect(
-            o["name"] in OUTPUTS,
+            o["name"] in OUTPUTS or DESCRIPTOR_OUTPUT.fullmatch(o["name"]) is not None,
             f"unknown output {o['name']!r}; this model has {list(OUTPUTS)}",
             "unknown_output",
         )
@@ -566,8 +578,9 @@ async def _infer(request: Request, key, name: str, version: str | None):
         t1 = time.perf_counter()
         result = await run_in_threadpool(model.infer, batch)
         t2 = time.perf_counter()
-        probs, maps = result.probabilities, result.heatmap
-        tensors = {"probabilities": probs} | ({"heatmap": maps} if maps is not None else {})
+        probs = result.probabilities
+        # Every graph output by name (descriptor heads included), probabilities first.
+        tensors = {n: result.outputs[n] for n in OUTPUTS if n in result.outputs} | result.outputs
         outputs, binary = _encode_outputs(header, tensors)
         names = model.card["class_names"]
         if len(batch) == 1:
