@@ -141,17 +141,25 @@ def unet_backbone(image_size: int, weights: str | None) -> keras.Model:
     """
     from training.localiser import build_unet  # localiser -> export -> models: no cycle
 
-    unet = build_unet(image_size)
-    if weights is not None:
+    if weights is None:
+        unet = build_unet(image_size)
+    else:
         if weights == "imagenet":
             raise ValueError("the unet backbone has no ImageNet weights; pass a localiser")
         trained = keras.saving.load_model(weights, compile=False)
-        try:
+        try:  # the trained localiser's own widths, level by level
+            levels = sorted(
+                (int(layer.name[4:-6]), layer.filters)
+                for layer in trained.layers
+                if layer.name.startswith("down") and layer.name.endswith("_conv1")
+            )
+            widths = (*(f for _, f in levels), trained.get_layer("bottleneck_conv1").filters)
+            unet = build_unet(image_size, widths)
             for layer in unet.layers:
                 if layer.weights and not layer.name.startswith("up"):
                     layer.set_weights(trained.get_layer(layer.name).get_weights())
         except ValueError as e:
-            raise ValueError(f"{weights} is not a localiser with the default widths: {e}") from e
+            raise ValueError(f"{weights} is not a nodule localiser's Keras model: {e}") from e
     return keras.Model(unet.input, unet.get_layer(UNET_FEATURES).output, name="backbone")
 
 
