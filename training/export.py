@@ -235,7 +235,7 @@ def export_model(
         _rename_outputs(proto, {2: "probabilities", 4: "heatmap"})
     else:
         _rename_outputs(proto, {2: "features"})
-        n_features = wrapper.output_shape[-1]
+        n_features = wrapper.get_layer("features").output.shape[-1]
         proto = _merge(proto, _sklearn_graph(classifier, n_features))
     proto.doc_string = f"thyroid-cad {info.get('backbone')} {info.get('classifier')}: {DISCLAIMER}"
     onnx.checker.check_model(proto)
