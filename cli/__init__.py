@@ -8,6 +8,7 @@ service/, and none of them imports it.
 from cli import (  # noqa: F401 - they register commands
     data,
     localiser,
+    outcomes,
     pacs,
     registry,
     score,

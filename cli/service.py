@@ -57,7 +57,11 @@ def _key_store():
 @keys_app.command("create")
 def keys_create(
     scope: Annotated[
-        str, typer.Option(help="predict (clients) or admin (audit trail too).")
+        str,
+        typer.Option(
+            help="predict (clients), feedback (record outcomes, read live performance) or "
+            "admin (everything, audit trail too)."
+        ),
     ] = "predict",
     name: Annotated[str | None, typer.Option(help="Who or what the key is for.")] = None,
 ):

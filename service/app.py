@@ -29,7 +29,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.models import ModelManager
-from service.routes import oip, ops, v1
+from service.routes import oip, ops, outcomes, v1
 from service.schemas import DISCLAIMER
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from service.audit import AuditStore
         from service.keys import KeyStore
+        from service.outcomes import OutcomeStore
 
         audit = AuditStore(settings.audit_url(), settings.audit_spool())
         _migrate_when_possible(audit)
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         manager.start(settings.poll_interval_s)
         app.state.settings, app.state.audit = settings, audit
         app.state.keys = KeyStore(audit.db)
+        app.state.outcomes = OutcomeStore(audit.db)
         app.state.metrics, app.state.models = metrics, manager
         app.state.key_cache = {}
         try:
@@ -105,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
-    for router in (v1.predict, v1.router, oip.infer_router, oip.router, ops.router):
+    routers = (v1.predict, v1.router, outcomes.router, oip.infer_router, oip.router, ops.router)
+    for router in routers:
         app.include_router(router)
     return app

@@ -51,7 +51,16 @@ _STR_LIMITS: dict[str, int] = {
     for c in RequestRecord.__table__.columns
     if isinstance(c.type, String) and c.type.length
 }
-_INT_KEYS = ("model_version", "image_width", "image_height", "status_code")
+_INT_KEYS = (
+    "model_version",
+    "image_width",
+    "image_height",
+    "status_code",
+    "roi_x",
+    "roi_y",
+    "roi_w",
+    "roi_h",
+)
 _JSON_KEYS = ("probabilities", "timings")
 
 
@@ -97,8 +106,17 @@ def normalize_record(rec: dict[str, Any]) -> dict[str, Any]:
         except (ValueError, TypeError, OverflowError):
             log.warning("audit record %s: %s=%r is not an int", out["request_id"], key, value)
 
+    score = rec.get("ood_score")
+    if score is not None:
+        try:
+            out["ood_score"] = float(score) if math.isfinite(float(score)) else None
+        except (ValueError, TypeError, OverflowError):
+            log.warning("audit record %s: ood_score=%r is not a float", out["request_id"], score)
+    if rec.get("in_distribution") is not None:
+        out["in_distribution"] = bool(rec["in_distribution"])
+
     for key in ("api_key_id", "route", "model_name", "input_sha256", "content_type", "label",
-                "error_code"):  # fmt: skip
+                "error_code", "roi_source"):  # fmt: skip
         value = rec.get(key)
         if value is not None:
             out[key] = str(value)

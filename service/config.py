@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         "all", description=f"onnxruntime graph optimisation: {', '.join(GRAPH_OPTIMIZATION)}."
     )
     io_binding: IoBinding = Field("auto", description="auto (on with CUDA), on or off.")
+    ood_policy: Literal["flag", "refuse"] = Field(
+        "flag",
+        description="Images unlike the training data (docs/safety.md): flag (answer, with "
+        "ood.in_distribution false) or refuse (422 out_of_distribution, no probabilities).",
+    )
 
     @field_validator("providers")
     @classmethod

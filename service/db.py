@@ -1,9 +1,9 @@
 """The service's SQL database: engine, tables and migrations (SQLAlchemy 2, Alembic).
 
 SQLite or PostgreSQL. Tables: ``requests`` (the audit trail, see service/audit.py),
-``api_keys`` (see service/keys.py), and the PACS gateway's ledger ``pacs_instances`` and
-``pacs_cursors`` (see service/ledger.py). Nothing is created at import time: no engine,
-no settings.
+``api_keys`` (see service/keys.py), ``outcomes`` (see service/outcomes.py), and the
+PACS gateway's ledger ``pacs_instances`` and ``pacs_cursors`` (see service/ledger.py).
+Nothing is created at import time: no engine, no settings.
 """
 
 from __future__ import annotations
@@ -12,16 +12,20 @@ import contextlib
 import logging
 import pathlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
+    Date,
     DateTime,
     Dialect,
     Engine,
+    Float,
     Integer,
     String,
+    UniqueConstraint,
     create_engine,
     event,
     text,
@@ -90,6 +94,33 @@ class RequestRecord(Base):
     timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
     status_code: Mapped[int] = mapped_column(Integer)
     error_code: Mapped[str | None] = mapped_column(String(100))
+    # The out-of-distribution verdict and the ROI classified (migration 0003).
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    in_distribution: Mapped[bool | None] = mapped_column(Boolean)
+    roi_x: Mapped[int | None] = mapped_column(Integer)
+    roi_y: Mapped[int | None] = mapped_column(Integer)
+    roi_w: Mapped[int | None] = mapped_column(Integer)
+    roi_h: Mapped[int | None] = mapped_column(Integer)
+    roi_source: Mapped[str | None] = mapped_column(String(16))
+
+
+class Outcome(Base):
+    """The reference result (cytology or histology) of an earlier request, one row per
+    revision: corrections append, the latest revision counts. No free text, no names:
+    `entered_by` is the API key id (or the import that wrote it)."""
+
+    __tablename__ = "outcomes"
+    __table_args__ = (UniqueConstraint("request_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # bethesda | histology
+    pathology: Mapped[str] = mapped_column(String(16))  # I..VI | benign | malignant
+    truth: Mapped[str] = mapped_column(String(16))  # benign | malignant | indeterminate
+    outcome_date: Mapped[date] = mapped_column(Date)
+    entered_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class ApiKeyRow(Base):

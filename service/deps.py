@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.errors import ApiError
+from service.keys import GRANTS
 
 # Declares the scheme in the OpenAPI document; authorize() does the checking itself so
 # that every failure is the service's own JSON error.
@@ -22,7 +23,8 @@ bearer = HTTPBearer(auto_error=False, description="An API key: `thyroid-cad keys
 
 
 def authorize(request: Request, scope: str):
-    """The caller's API key if it grants `scope` ('predict' or 'admin'), else 401/403.
+    """The caller's API key if it grants `scope` ('predict', 'feedback' or 'admin'; see
+    service.keys.GRANTS), else 401/403.
 
     Verified keys are remembered for `settings.key_cache_s` (5 minutes by default) so a
     database outage does not lock out clients that were already talking to the service;
@@ -33,7 +35,7 @@ def authorize(request: Request, scope: str):
     if not settings.require_api_key:
         return None
     done = getattr(request.state, "api_key", None)
-    if done is not None and (scope != "admin" or done.scope == "admin"):
+    if done is not None and done.scope in GRANTS[scope]:
         return done
     header = request.headers.get("authorization", "")
     if not header.lower().startswith("bearer ") or not header[7:].strip():
@@ -52,8 +54,9 @@ def authorize(request: Request, scope: str):
         if key is None:
             raise ApiError(401, "invalid_api_key", "unknown or revoked API key")
         cache[digest] = (key, time.monotonic())
-    if scope == "admin" and key.scope != "admin":
-        raise ApiError(403, "forbidden", "this route needs an admin key")
+    if key.scope not in GRANTS[scope]:
+        needs = "an admin key" if scope == "admin" else f"a {scope} or admin key"
+        raise ApiError(403, "forbidden", f"this route needs {needs}")
     request.state.api_key = key
     return key
 
@@ -67,6 +70,10 @@ def predict_scope(request: Request, _: Bearer):
 
 def admin_scope(request: Request, _: Bearer):
     return authorize(request, "admin")
+
+
+def feedback_scope(request: Request, _: Bearer):
+    return authorize(request, "feedback")
 
 
 def auth_first(scope: str) -> type[APIRoute]:
@@ -101,6 +108,7 @@ def metrics_scope(request: Request):
 
 PredictKey = Annotated[object, Depends(predict_scope)]
 AdminKey = Annotated[object, Depends(admin_scope)]
+FeedbackKey = Annotated[object, Depends(feedback_scope)]
 
 
 class Audited:
@@ -140,6 +148,8 @@ class Audited:
         app.state.metrics.latency.labels(self.route, version).observe(elapsed)
         if error_code:
             app.state.metrics.errors.labels(self.route, error_code).inc()
+        if self.record.get("in_distribution") is False:
+            app.state.metrics.ood_flagged.labels(version, str(status)).inc()
         if error_code == "overloaded":
             app.state.metrics.rejected.labels(version).inc()
         if "queue_ms" in (self.record.get("timings") or {}):

@@ -11,6 +11,7 @@ local codes (scheme 99TCAD, docs/integration.md lists them) where they do not.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -202,7 +203,7 @@ def from_scored(scored: Scored, model: ModelOut) -> Finding:
     """The Finding of one scored image. The ROI and TI-RADS descriptors are read from the
     prediction when it carries them (`roi`, `descriptors`, `tirads`), else left out."""
     prediction = scored.prediction
-    return finding(
+    found = finding(
         model,
         prediction,
         roi=getattr(prediction, "roi", None),
@@ -211,3 +212,9 @@ def from_scored(scored: Scored, model: ModelOut) -> Finding:
         descriptors=getattr(prediction, "descriptors", None),
         tirads=getattr(prediction, "tirads", None),
     )
+    ood = scored.ood
+    if ood is not None and not ood.in_distribution:
+        # The flag travels where the disclaimer does: the SR's comment, the FHIR conclusion.
+        warning = f"OUT OF DISTRIBUTION: {ood.reason}. Do not rely on these probabilities. "
+        found = dataclasses.replace(found, disclaimer=warning + found.disclaimer)
+    return found

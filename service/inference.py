@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import decoding
+from service import decoding, safety
 from service.errors import ApiError
 from service.models import LoadedModel
-from service.schemas import ModelOut, PredictionOut, RoiOut, ShapeOut
+from service.schemas import ModelOut, OodOut, PredictionOut, RoiOut, ShapeOut
 from thyroid_cad import imaging, nodule, tirads
 
 
@@ -50,6 +50,7 @@ class Scored:
     queue_s: float
     inference_s: float
     batch_size: int
+    ood: OodOut | None = None  # the out-of-distribution verdict (service.safety)
 
 
 def parse_roi(text: str | None) -> imaging.Box | None:
@@ -213,6 +214,7 @@ def score(model: LoadedModel, prepared: Prepared) -> Scored:
         queue_s=result.queue_s,
         inference_s=waited - result.queue_s,
         batch_size=result.batch_size,
+        ood=safety.of_outputs(model.card, result.outputs, [prepared.square])[0],
     )
 
 

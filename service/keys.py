@@ -26,7 +26,14 @@ from service.db import ApiKeyRow, Database, _utcnow
 
 log = logging.getLogger(__name__)
 
-SCOPES = frozenset({"predict", "admin"})
+SCOPES = frozenset({"predict", "feedback", "admin"})
+# Which key scopes may use a route of each scope: admin keys may do everything; a
+# feedback key records outcomes (and reads live performance) but does not predict.
+GRANTS: dict[str, frozenset[str]] = {
+    "predict": frozenset({"predict", "admin"}),
+    "feedback": frozenset({"feedback", "admin"}),
+    "admin": frozenset({"admin"}),
+}
 TOKEN_PREFIX = "tcad_"
 _TOKEN_RE = re.compile(r"tcad_([0-9a-f]{12})_([A-Za-z0-9_-]{32,128})")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{12}")

@@ -53,6 +53,36 @@ class Metrics:
             ["model_version"],
             registry=r,
         )
+        self.ood_flagged = Counter(
+            "thyroid_cad_ood_flagged",
+            "Requests with an image out of distribution (answered with the flag: status 200, "
+            "or refused: 422), per model version: a site sending something new shows here.",
+            ["model_version", "status"],
+            registry=r,
+        )
+        # Live performance against recorded outcomes, as of the last GET /v1/performance
+        # (or `thyroid-cad performance log`) for that model version.
+        self.live = {
+            name: Gauge(
+                f"thyroid_cad_live_{name}",
+                f"Live {text} over requests with a binary outcome (GET /v1/performance).",
+                ["model_version", "distribution"],
+                registry=r,
+            )
+            for name, text in (
+                ("n", "number of requests"),
+                ("auc", "ROC AUC"),
+                ("sensitivity", "sensitivity at the card's operating point"),
+                ("specificity", "specificity at the card's operating point"),
+                ("ece", "expected calibration error"),
+            )
+        }
+        self.drift = Gauge(
+            "thyroid_cad_live_drift_warning",
+            "1 when live sensitivity's 95% CI upper bound is below the card's target.",
+            ["model_version"],
+            registry=r,
+        )
         self.loads = Counter("thyroid_cad_model_loads", "Model loads.", ["result"], registry=r)
         self.swaps = Counter("thyroid_cad_model_swaps", "Champion swaps.", registry=r)
         self.registry_up = Gauge(

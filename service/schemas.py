@@ -129,6 +129,23 @@ class ShapeOut(BaseModel):
     score: float = Field(description="Highest localiser probability inside the outline.")
 
 
+class OodOut(BaseModel):
+    """Is this image like the ones the model was trained on? (docs/safety.md)"""
+
+    score: float | None = Field(
+        description="Mahalanobis distance of the image's features to the training images "
+        "(the graph's ood_score); null for models exported without an OOD reference."
+    )
+    threshold: float | None = Field(
+        description="95th percentile of the score on validation images (model card)."
+    )
+    in_distribution: bool = Field(
+        description="false: unlike the training images, or not an ultrasound frame at all; "
+        "the probabilities, if given, deserve no trust."
+    )
+    reason: str | None = Field(None, description="Why it was flagged, or why there is no score.")
+
+
 class TimingsOut(BaseModel):
     decode_ms: float
     preprocess_ms: float
@@ -147,6 +164,7 @@ class PredictResponse(BaseModel):
         None, description="What was classified, for models trained on ROI crops; else null."
     )
     shape: ShapeOut | None = Field(None, description="Nodule shape (ROI models with a localiser).")
+    ood: OodOut | None = Field(None, description="Out-of-distribution check of this image.")
     timings: TimingsOut
     disclaimer: str
 
@@ -176,6 +194,12 @@ class PredictResponse(BaseModel):
                     "width": 560,
                     "height": 360,
                     "data": "iVBORw0KGgo...",
+                },
+                "ood": {
+                    "score": 11.2,
+                    "threshold": 14.9,
+                    "in_distribution": True,
+                    "reason": None,
                 },
                 "timings": {
                     "decode_ms": 3.1,

@@ -47,7 +47,8 @@ def test_export_writes_graph_and_card(tiny_export):
     (inp,) = sess.get_inputs()
     assert inp.name == "image" and inp.type == "tensor(uint8)" and inp.shape[1:] == [64, 64, 3]
     assert not isinstance(inp.shape[0], int)  # dynamic batch
-    assert sorted(o.name for o in sess.get_outputs()) == ["heatmap", "probabilities"]
+    assert sorted(o.name for o in sess.get_outputs()) == ["heatmap", "ood_score", "probabilities"]
+    assert card["ood"]["threshold"] > 0 and card["parity"]["ood_score_max_rel_diff"] < 1e-3
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -129,8 +130,9 @@ def test_feature_classifier_exports_one_graph_without_heatmap(
     assert card["heatmap"] is False and classifier in card["heatmap_note"]
     assert card["parity"]["passed"], card["parity"]
     sess = _session(tmp_path / "model.onnx")
-    assert [o.name for o in sess.get_outputs()] == ["probabilities"]
-    (probs,) = sess.run(None, {"image": _phantom_batch(6, 64)})
+    assert sorted(o.name for o in sess.get_outputs()) == ["ood_score", "probabilities"]
+    assert card["ood"]["threshold"] > 0 and card["ood"]["validation"]["n"] > 0
+    (probs,) = sess.run(["probabilities"], {"image": _phantom_batch(6, 64)})
     assert probs.shape == (6, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
 

@@ -134,6 +134,7 @@ def test_model_metadata_describes_the_tensors(client, server):
         assert meta["outputs"] == [
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
             {"name": "heatmap", "datatype": "FP32", "shape": [-1, h, w, k]},
+            {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
         ]
         assert meta["parameters"]["class_names"] == server.classes
         assert "BYTES" in meta["parameters"]["alternative_input"]
@@ -174,6 +175,7 @@ def test_infer_default_outputs_and_a_requested_subset(client, server):
     assert {o["name"] for o in everything.get_response()["outputs"]} == {
         "probabilities",
         "heatmap",
+        "ood_score",
     }
     only = client.infer(
         server.name,
@@ -442,7 +444,7 @@ def test_binary_outputs_are_raw_little_endian_bytes_after_the_json_header(
     r = _infer(server, json=body)
     header, raw = _split_binary(r)
     sizes = [o["parameters"]["binary_data_size"] for o in header["outputs"]]
-    assert [o["name"] for o in header["outputs"]] == ["probabilities", "heatmap"]
+    assert [o["name"] for o in header["outputs"]] == ["probabilities", "heatmap", "ood_score"]
     assert sum(sizes) == len(raw)
     got_probs = np.frombuffer(raw[: sizes[0]], dtype="<f4").reshape(want_probs.shape)
     np.testing.assert_allclose(got_probs, want_probs, atol=1e-5, rtol=0)

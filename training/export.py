@@ -33,7 +33,7 @@ from PIL import Image
 
 from thyroid_cad import imaging
 from thyroid_cad.files import sha256_file
-from training import models, roi, sources
+from training import models, ood, roi, sources
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,35 @@ class _GradCam(layers.Layer):
         return ops.relu(cam) / float(h * w)
 
 
-def serving_model(model: keras.Model, with_heatmap: bool) -> keras.Model:
-    """uint8 image in; {'probabilities', 'heatmap'} or pooled 'features' out."""
+def serving_model(
+    model: keras.Model, with_heatmap: bool, reference: ood.Reference | None = None
+) -> keras.Model:
+    """uint8 image in; {'probabilities', 'heatmap'} or pooled 'features' out, plus
+    'ood_score' (training.ood) when given an OOD reference."""
     size = model.input_shape[1]
     image = keras.Input((size, size, 3), dtype="uint8", name=INPUT_NAME)
     x = _ToFloat(name="to_float")(image)
     if with_heatmap:
-        out = models.with_heatmaps(model)(x)
+        inner = models.with_heatmaps(model)
+        if reference is not None:
+            inner = ood.with_heatmaps_and_score(model, reference)
+        out = inner(x)
         probabilities = layers.Identity(name="probabilities")(out["probabilities"])
         heatmap = _GradCam(name="heatmap")(out["cam"])
-        heads = {k: v for k, v in out.items() if k.startswith(models.DESCRIPTOR_PREFIX)}
-        if heads:  # a dict of outputs: tf2onnx names the graph's outputs by its keys
-            named = {k: layers.Identity(name=k)(v) for k, v in heads.items()}
-            outputs = {"probabilities": probabilities, "heatmap": heatmap, **named}
+        extra = {
+            k: layers.Identity(name=k)(v)
+            for k, v in out.items()
+            if k.startswith(models.DESCRIPTOR_PREFIX) or k == ood.OUTPUT_NAME
+        }
+        if extra:  # a dict of outputs: tf2onnx names the graph's outputs by its keys
+            outputs = {"probabilities": probabilities, "heatmap": heatmap, **extra}
             return keras.Model(image, outputs, name="serving")
         return keras.Model(image, [probabilities, heatmap], name="serving")
+    if reference is not None:
+        pooled, score = ood.features_and_score(model, reference)(x)
+        features = layers.Identity(name="features")(pooled)
+        score = layers.Identity(name=ood.OUTPUT_NAME)(score)
+        return keras.Model(image, [features, score], name="serving_features")
     features = layers.Identity(name="features")(models.feature_extractor(model)(x))
     return keras.Model(image, features, name="serving_features")
 
@@ -91,6 +105,7 @@ def _convert(model: keras.Model, size: int) -> onnx.ModelProto:
 
 def _rename_outputs(proto: onnx.ModelProto, names: dict[int, str]) -> None:
     """Give graph outputs stable names, chosen by tensor rank (Keras names vary)."""
+    names = {1: ood.OUTPUT_NAME, **names}  # ood_score is the only rank-1 output
     for output in proto.graph.output:
         rank = len(output.type.tensor_type.shape.dim)
         new = names[rank]
@@ -131,8 +146,9 @@ def _merge(features: onnx.ModelProto, classifier: onnx.ModelProto) -> onnx.Model
         del proto.opset_import[:]
         proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in versions.items())
     prob_name = next(o.name for o in classifier.graph.output if "probab" in o.name)
+    kept = [o.name for o in features.graph.output if o.name == ood.OUTPUT_NAME]
     merged = onnx.compose.merge_models(
-        features, classifier, io_map=[("features", "features")], outputs=[prob_name]
+        features, classifier, io_map=[("features", "features")], outputs=[prob_name, *kept]
     )
     _rename_outputs(merged, {2: "probabilities"})
     return merged
@@ -201,6 +217,8 @@ def export_model(
     parity_source: str,
     classifier=None,
     card_extra: dict | None = None,
+    ood_reference: ood.Reference | None = None,
+    ood_images: np.ndarray | None = None,
 ) -> dict:
     """Write out_dir/model.onnx and out_dir/model_card.json; returns the card.
 
@@ -210,6 +228,8 @@ def export_model(
         parity_images: uint8 N x S x S x 3 images to compare onnxruntime with Keras on.
         parity_source: where those images came from, recorded in the card.
         classifier: the fitted scikit-learn classifier for SVM / RF runs, else None.
+        ood_reference: training.ood.Reference: adds the `ood_score` output and the
+            card's `ood` block, its threshold set on `ood_images` (validation images).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,19 +237,20 @@ def export_model(
     if parity_images.shape[1:] != (size, size, 3) or parity_images.dtype != np.uint8:
         raise ValueError(f"parity images must be uint8 N x {size} x {size} x 3")
     has_heatmap = classifier is None
-    wrapper = serving_model(model, with_heatmap=has_heatmap)
+    wrapper = serving_model(model, with_heatmap=has_heatmap, reference=ood_reference)
     descriptors = dict(info.get("descriptors") or {}) if has_heatmap else {}
     proto = _convert(wrapper, size)
-    if descriptors:  # already named by the serving model's output keys
+    if isinstance(wrapper.output, dict):  # already named by the serving model's output keys
         names = {o.name for o in proto.graph.output}
         wanted = {"probabilities", "heatmap", *(models.DESCRIPTOR_PREFIX + d for d in descriptors)}
-        if not wanted <= names:
+        wanted |= {ood.OUTPUT_NAME} if ood_reference is not None else set()
+        if wanted != names:
             raise ValueError(f"exported graph outputs {sorted(names)}, expected {sorted(wanted)}")
     elif has_heatmap:
         _rename_outputs(proto, {2: "probabilities", 4: "heatmap"})
     else:
         _rename_outputs(proto, {2: "features"})
-        n_features = wrapper.output_shape[-1]
+        n_features = wrapper.get_layer("features").output.shape[-1]
         proto = _merge(proto, _sklearn_graph(classifier, n_features))
     proto.doc_string = f"thyroid-cad {info.get('backbone')} {info.get('classifier')}: {DISCLAIMER}"
     onnx.checker.check_model(proto)
@@ -266,6 +287,11 @@ def export_model(
             heatmap_min_pearson_required=HEATMAP_MIN_PEARSON,
         )
         passed = passed and min(corr) >= HEATMAP_MIN_PEARSON
+    ood_card = None
+    if ood_reference is not None:
+        ood_parity, ood_card = _ood_check(model, session, ood_reference, parity_images, ood_images)
+        parity.update(ood_parity)
+        passed = passed and ood_parity["ood_score_max_rel_diff"] < ood.SCORE_TOLERANCE
     parity["passed"] = bool(passed)
 
     heatmap_shape = session.get_outputs()[outputs.index("heatmap")].shape if has_heatmap else None
@@ -335,10 +361,33 @@ def export_model(
         "onnx": {"opset": OPSET, "tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__},
         "sha256": sha256_file(path),
         **(card_extra or {}),
+        **({"ood": ood_card} if ood_card else {}),
     }
+    if ood_card:
+        card["outputs"][ood.OUTPUT_NAME] = (
+            "N, distance of the image to the training images in feature space (see ood)"
+        )
     (out_dir / "model_card.json").write_text(json.dumps(card, indent=1))
     log.info("exported %s (parity %s: probs diff %.2g)", path, passed, prob_diff)
     return card
+
+
+def _ood_check(model, session, reference, parity_images, val_images) -> tuple[dict, dict]:
+    """ood_score of onnxruntime vs the float64 reference on Keras features; the card's
+    `ood` block with its threshold from the exported graph's scores on validation."""
+    (got,) = session.run([ood.OUTPUT_NAME], {INPUT_NAME: parity_images})
+    feats = models.feature_extractor(model).predict(parity_images.astype("float32"), verbose=0)
+    ref = reference.score(feats)
+    rel = float(np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1.0)))
+    val = val_images if val_images is not None and len(val_images) else parity_images
+    scores = np.concatenate(
+        [
+            session.run([ood.OUTPUT_NAME], {INPUT_NAME: val[i : i + 32]})[0]
+            for i in range(0, len(val), 32)
+        ]
+    )
+    parity = {"ood_score_max_rel_diff": rel, "ood_score_tolerance": ood.SCORE_TOLERANCE}
+    return parity, ood.card_block(reference, scores)
 
 
 def _metrics_with_cis(metrics: dict[str, float]) -> dict:
@@ -397,6 +446,13 @@ def _parity_images(params: dict, size: int, n: int = PARITY_IMAGES) -> tuple[np.
     return images, "synthetic phantom frames (the run's training data was not available)"
 
 
+def _artifact(run_id: str, path: str, dst: str) -> str | None:
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst)
+    except Exception:  # MlflowException / OSError: the run has no such artifact
+        return None
+
+
 def export_run(run_id: str, out_dir: Path) -> dict:
     """Export the model of an MLflow run (or of a progressive / sweep parent's best)."""
     try:
@@ -417,6 +473,7 @@ def export_run(run_id: str, out_dir: Path) -> dict:
         except Exception as e:
             raise ValueError(f"run {source} has no trained model to export: {e}") from e
         rois_path = roi.download_rois(source, tmp)
+        holdout_path = _artifact(source, "holdout.json", tmp)
         info = json.loads((local / "info.json").read_text())
         model = models.load(local / "model.keras")
         classifier = None
@@ -436,5 +493,11 @@ def export_run(run_id: str, out_dir: Path) -> dict:
             extra.update(roi.export_bundle(info["roi"], local, Path(out_dir)))
         if "test_shortcut_auc" in run.data.metrics:
             extra["shortcut_auc"] = run.data.metrics["test_shortcut_auc"]
-        card = export_model(model, info, out_dir, images, where, classifier, extra)
+        fitted = ood.reference_for_run(
+            model, info, run.data.params, split_path, holdout_path, rois_path
+        )
+        reference, val_images = fitted if fitted else (None, None)
+        card = export_model(
+            model, info, out_dir, images, where, classifier, extra, reference, val_images
+        )
     return card

@@ -33,7 +33,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import inference
+from service import inference, safety
 from service.config import Settings
 from service.deps import Audited, PredictKey, auth_first, health_scope
 from service.errors import ApiError
@@ -41,14 +41,15 @@ from service.models import LoadedModel
 from service.routes.v1 import extra
 from service.schemas import SQL_INT_MAX
 
-OUTPUTS = ("probabilities", "heatmap")
+OUTPUTS = ("probabilities", "heatmap", "ood_score")
 # Models with TI-RADS descriptor heads also have descriptor_<name> outputs (card
 # 'descriptors'); every graph output is returned, by name.
 DESCRIPTOR_OUTPUT = re.compile(r"descriptor_[a-z_]+")
 _OUTPUT_NAME = {
     "type": "string",
-    "pattern": "^(probabilities|heatmap|descriptor_[a-z_]+)$",
-    "description": "probabilities, heatmap, or descriptor_<name> (models with descriptor heads).",
+    "pattern": "^(probabilities|heatmap|ood_score|descriptor_[a-z_]+)$",
+    "description": "probabilities, heatmap, ood_score, or descriptor_<name> (models with "
+    "descriptor heads).",
 }
 _TENSOR = {
     "type": "object",
@@ -224,6 +225,8 @@ def _metadata(model: LoadedModel) -> dict:
         outputs.append({"name": "heatmap", "datatype": "FP32", "shape": [-1, h, w, k]})
     for d, labels in (model.card.get("descriptors") or {}).items():
         outputs.append({"name": f"descriptor_{d}", "datatype": "FP32", "shape": [-1, len(labels)]})
+    if safety.OUTPUT_NAME in model.output_names:
+        outputs.append({"name": safety.OUTPUT_NAME, "datatype": "FP32", "shape": [-1]})
     return {
         "name": model.name,
         "versions": [str(model.version)],
@@ -396,6 +399,16 @@ def _roi_parameters(located: list) -> dict:
         "roi": ";".join(boxes),
         "roi_source": ";".join(x.roi.source for x in located),
         "shape": json.dumps(shapes),
+    }
+
+
+def _ood_parameters(ood: list) -> dict:
+    """The OOD verdict per image, as OIP response parameters (scalars)."""
+    threshold = next((o.threshold for o in ood if o.threshold is not None), None)
+    return {
+        "ood": json.dumps([o.model_dump() for o in ood]),
+        "in_distribution": ";".join("true" if o.in_distribution else "false" for o in ood),
+        **({"ood_threshold": threshold} if threshold is not None else {}),
     }
 
 
@@ -578,8 +591,13 @@ async def _infer(request: Request, key, name: str, version: str | None):
         t1 = time.perf_counter()
         result = await run_in_threadpool(model.infer, batch)
         t2 = time.perf_counter()
+        ood = safety.of_outputs(model.card, result.outputs, list(batch))
+        audited.record.update(safety.record(ood))
+        if len(located) == 1 and located[0] is not None:
+            audited.record.update(safety.roi_record(located[0].roi))
+        safety.enforce(limits.ood_policy, ood)  # refused: audited, no probabilities
         probs = result.probabilities
-        # Every graph output by name (descriptor heads included), probabilities first.
+        # Every graph output by name (descriptor heads, ood_score), probabilities first.
         tensors = {n: result.outputs[n] for n in OUTPUTS if n in result.outputs} | result.outputs
         outputs, binary = _encode_outputs(header, tensors)
         names = model.card["class_names"]
@@ -604,6 +622,7 @@ async def _infer(request: Request, key, name: str, version: str | None):
                 "disclaimer": model.card.get("disclaimer"),
                 "class_names": names,
                 **(_roi_parameters(located) if located else {}),
+                **_ood_parameters(ood),
             },
             "outputs": outputs,
         }

@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import heatmaps, inference
+from service import heatmaps, inference, safety
 from service.config import Settings
 from service.deps import AdminKey, Audited, PredictKey, auth_first
 from service.errors import ApiError
@@ -30,7 +30,8 @@ def errors(*statuses: int) -> dict:
         404: "No such model, alias or version.",
         413: "Upload or image too large.",
         415: "Not a PNG, JPEG, BMP, TIFF or DICOM file, or an undecodable DICOM.",
-        422: "A parameter fails the schema.",
+        422: "A parameter fails the schema; or out_of_distribution: the image is unlike the "
+        "training data and THYROID_CAD_OOD_POLICY=refuse (no probabilities).",
         503: "No model loaded, the queue is full (Retry-After), or a dependency is down.",
     }
     return {s: {"model": ErrorOut, "description": why[s]} | extra(s) for s in statuses}
@@ -127,6 +128,9 @@ def predict_upload(
         )
         source = formats.source_header(options.format, data, prepared)
         scored = inference.score(model, prepared)
+        located = prepared.located.roi if prepared.located else None
+        audited.record.update(safety.record([scored.ood]), **safety.roi_record(located))
+        safety.enforce(settings.ood_policy, [scored.ood])  # refused: audited, no probabilities
         prediction = scored.prediction
         index = names.index(class_name or prediction.label)
         mode = heatmap if options.format == "json" else "none"  # SR and FHIR carry none
@@ -148,6 +152,7 @@ def predict_upload(
             heatmap=rendered,
             roi=prepared.located.roi if prepared.located else None,
             shape=prepared.located.shape if prepared.located else None,
+            ood=scored.ood,
             timings=timings,
             disclaimer=DISCLAIMER,
         )
