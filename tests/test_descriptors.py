@@ -152,7 +152,9 @@ def test_export_has_named_descriptor_outputs_with_parity(descriptor_export):
         str(descriptor_export / "model.onnx"), providers=["CPUExecutionProvider"]
     )
     names = [o.name for o in sess.get_outputs()]
-    assert set(names) == {"probabilities", "heatmap", *DESCRIPTOR_OUTPUTS}
+    # the descriptor heads sit beside the OOD score (issue 12), all named
+    assert "ood" in card
+    assert set(names) == {"probabilities", "heatmap", "ood_score", *DESCRIPTOR_OUTPUTS}
     out = dict(
         zip(names, sess.run(None, {"image": np.zeros((2, 48, 48, 3), np.uint8)}), strict=True)
     )
@@ -203,7 +205,9 @@ def test_v1_predict_returns_descriptors_and_tirads_estimate(desc_client, descrip
         assert entry["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
         assert entry["points"] == tirads.points_of(d, entry["value"])
     t = pred["tirads"]
-    assert t["points"] == sum(e["points"] for e in pred["descriptors"])  # no shape: no ROI
+    # no shape (no ROI); a spongiform estimate scores 0 whatever the rest (ACR's rule)
+    spongiform = by_name["composition"]["value"] == "spongiform"
+    assert t["points"] == (0 if spongiform else sum(e["points"] for e in pred["descriptors"]))
     assert t["level"] == tirads.level(t["points"]) and t["shape_points"] is None
     assert t["estimate"] is True and "not a radiologist" in t["note"]
 

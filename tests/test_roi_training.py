@@ -241,6 +241,51 @@ def test_classifier_with_localiser_bundles_it_through_export_and_registry(
         store.register(tampered, name)
 
 
+def test_unet_backbone_starts_from_the_localiser_and_exports(
+    home, phantom_root, localiser_run, tmp_path
+):
+    """The localiser's encoder as the classifier's backbone: its exported folder is the
+    weights (its Keras model rides along), the encoder's weights arrive intact, and the
+    frozen run trains, exports and answers by name."""
+    from training import models
+
+    folder = tmp_path / "localiser"
+    localiser.export_run(localiser_run, folder)
+    assert (folder / models.UNET_WEIGHTS_FILE).is_file()
+    trained = models.load(folder / models.UNET_WEIGHTS_FILE)
+    model = models.build_model("unet", 2, 48, weights=str(folder))
+    base = model.get_layer("backbone")
+    for name in ("down0_conv1", "bottleneck_conv1"):
+        for got, want in zip(
+            base.get_layer(name).get_weights(), trained.get_layer(name).get_weights(), strict=True
+        ):
+            np.testing.assert_array_equal(got, want)
+    assert not any(layer.name.startswith("up") for layer in base.layers)
+    with pytest.raises(ValueError, match="not a nodule localiser"):
+        other = tmp_path / "tiny.keras"
+        models.build_model("tiny", 2, 32).save(other)
+        models.build_model("unet", 2, 32, weights=str(other))
+
+    run_id = train(
+        _cfg(
+            phantom_root,
+            backbone="unet",
+            weights=str(folder),
+            strategy="frozen",
+            roi="localiser",
+            localiser=str(folder),
+        )
+    )
+    out = tmp_path / "export"
+    card = export.export_run(run_id, out)
+    assert card["backbone"] == "unet" and card["parity"]["passed"]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = {o.name for o in sess.get_outputs()}
+    assert {"probabilities", "heatmap"} <= names
+    (probs,) = sess.run(["probabilities"], {"image": np.zeros((2, 64, 64, 3), np.uint8)})
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
 def test_roi_configuration_is_checked_before_training(home, phantom_root, tmp_path):
     with pytest.raises(ValueError, match="unknown roi mode"):
         train(_cfg(phantom_root, roi="bbox"))

@@ -22,7 +22,7 @@ from thyroid_cad import tirads
 from training import models
 from training.annotations import find_annotations, for_dataset
 from training.data import Dataset
-from training.evaluate import _wilson
+from thyroid_cad.metrics import wilson
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def evaluate(
             continue
         predicted = np.argmax(np.asarray(test_probs[output_name(d)]), axis=1)
         correct = int((predicted[known] == truth[known]).sum())
-        low, high = _wilson(correct, n)
+        low, high = wilson(correct, n)
         train = train_codes[d][train_codes[d] != MISSING]
         majority = int(np.bincount(train).argmax()) if len(train) else -2
         key = f"test_{PREFIX}{d}"
