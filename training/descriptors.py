@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from thyroid_cad import tirads
+from thyroid_cad.metrics import wilson
 from training import models
 from training.annotations import find_annotations, for_dataset
 from training.data import Dataset
-from thyroid_cad.metrics import wilson
 
 log = logging.getLogger(__name__)
 
