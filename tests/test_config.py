@@ -46,4 +46,5 @@ def test_bad_files_are_refused_naming_the_key(tmp_path, text, message):
 def test_the_shipped_best_configuration_is_valid():
     values = load_train_config(ROOT / "configs" / "best.yaml")
     TrainConfig(**values).validate()
-    assert values["backbone"] == "tiny" and values["loso"] is True
+    assert values["backbone"] == "unet" and values["roi"] == "localiser" and values["loso"] is True
+    assert Path(values["localiser"]).is_dir() and Path(values["weights"]).is_dir()
