@@ -124,8 +124,11 @@ def _heatmap_figure(rows: list[dict], positive: int, out: Path, n: int = 8) -> N
         truth = "malignant" if r["label"] else "benign"
         ax.set_title(f"{r['source']} · {truth}\np(malignant)={r['score']:.2f}", fontsize=7)
         ax.axis("off")
+    has_map = any(r["scored"].heatmap is not None for r in picked)
     fig.suptitle(
-        "Model input (the ROI crop for ROI models) with Grad-CAM for 'malignant'", fontsize=9
+        "Model input (the nodule crop for ROI models)"
+        + (" with Grad-CAM for 'malignant'" if has_map else "; this model has no heatmap output"),
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
