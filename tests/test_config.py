@@ -47,4 +47,9 @@ def test_the_shipped_best_configuration_is_valid():
     values = load_train_config(ROOT / "configs" / "best.yaml")
     TrainConfig(**values).validate()
     assert values["backbone"] == "unet" and values["roi"] == "localiser" and values["loso"] is True
-    assert Path(values["localiser"]).is_dir() and Path(values["weights"]).is_dir()
+    # the shipped localiser: hash-checked ONNX + card, and the encoder weights it names
+    from training import models, roi
+
+    shipped = roi.load_localiser(Path(values["localiser"]))
+    assert shipped.card["kind"] == "localiser" and shipped.card["input_size"] == 128
+    assert models.resolve_weights(values["weights"]).endswith(models.UNET_WEIGHTS_FILE)
