@@ -32,7 +32,7 @@ def _store(request: Request):
     response_model=OutcomeOut,
     status_code=201,
     responses={200: {"model": OutcomeOut, "description": "Same as the latest: unchanged."}}
-    | errors(401, 403, 404, 422, 503),
+    | errors(400, 401, 403, 404, 422, 503),  # 400: a body that is not JSON at all
 )
 def record_outcome(request: Request, request_id: RequestId, body: OutcomeIn, key: FeedbackKey):
     """Record the cytology (Bethesda) or histology result of an earlier request (feedback
