@@ -73,9 +73,11 @@ def serving_model(
     image = keras.Input((size, size, 3), dtype="uint8", name=INPUT_NAME)
     x = _ToFloat(name="to_float")(image)
     if with_heatmap:
-        inner = models.with_heatmaps(model)
-        if reference is not None:
-            inner = ood.with_heatmaps_and_score(model, reference)
+        inner = (
+            models.with_heatmaps(model)
+            if reference is None
+            else ood.with_heatmaps_and_score(model, reference)
+        )
         out = inner(x)
         probabilities = layers.Identity(name="probabilities")(out["probabilities"])
         heatmap = _GradCam(name="heatmap")(out["cam"])
