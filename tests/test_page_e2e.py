@@ -217,3 +217,33 @@ def test_page_shows_the_services_errors(page, served, base_url, tmp_path):
     expect(alert).not_to_contain_text("API key")
     expect(page.locator("#results")).to_be_hidden()
     page.screenshot(path=str(tmp_path / "error.png"), full_page=True)
+
+
+def test_page_flags_an_image_out_of_distribution(page, served, base_url, tmp_path):
+    """The OOD verdict is shown as the API gives it: nothing for a phantom frame like the
+    training images, a prominent alert for a colour photograph (docs/safety.md)."""
+    nodule = _phantom_png(tmp_path / "nodule.png")
+    api = httpx.post(
+        f"{base_url}/v1/predict?heatmap=none",
+        files={"file": ("nodule.png", nodule.read_bytes(), "image/png")},
+        headers=_auth(served.predict_key),
+        timeout=30,
+    )
+    assert api.status_code == 200, api.text
+    _classify(page, served.predict_key, nodule)
+    expect(page.locator("#results")).to_be_visible()
+    if api.json()["ood"]["in_distribution"]:
+        expect(page.locator("#ood-flag")).to_be_hidden()
+    else:
+        expect(page.locator("#ood-flag")).to_be_visible()
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.png"
+    colour = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    colour[..., 0] = 230  # saturated red cast: no greyscale ultrasound frame looks like this
+    Image.fromarray(colour).save(photo)
+    _classify(page, served.predict_key, photo)
+    flag = page.locator("#ood-flag")
+    expect(flag).to_be_visible()
+    expect(flag).to_contain_text("Out of distribution")
+    assert "out of distribution" in page.inner_text("#ood-check").lower()
