@@ -317,7 +317,8 @@ def choose_threshold(y_true_binary, scores, target_sensitivity: float = 0.90) ->
     return middle if middle > below.max() else highest
 
 
-def _wilson(k: float, n: float, z: float = _Z95) -> tuple[float, float]:
+def wilson(k: float, n: float, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score 95% interval of the proportion k / n ((nan, nan) when n is 0)."""
     if n <= 0:
         return math.nan, math.nan
     p = k / n
@@ -343,8 +344,8 @@ def binary_metrics(y_true_binary, scores, threshold: float) -> dict[str, float]:
     fn = float(np.sum(~pred & y))
     sens = _div(tp, tp + fn)
     spec = _div(tn, tn + fp)
-    sens_lo, sens_hi = _wilson(tp, tp + fn)
-    spec_lo, spec_hi = _wilson(tn, tn + fp)
+    sens_lo, sens_hi = wilson(tp, tp + fn)
+    spec_lo, spec_hi = wilson(tn, tn + fp)
     return {
         "sensitivity": sens,
         "specificity": spec,
@@ -377,8 +378,3 @@ def roc_auc(y_true, scores) -> float:
     """ROC AUC (Mann-Whitney, ties count half); nan with a single class present."""
     y = _as_binary(y_true, "y_true")
     return _mann_whitney_auc(y, _as_scores(scores, y.size))
-
-
-def wilson(k: float, n: float) -> tuple[float, float]:
-    """Wilson score 95% interval of the proportion k / n ((nan, nan) when n is 0)."""
-    return _wilson(k, n)
