@@ -26,7 +26,7 @@ from registry import store
 from service import inference
 from service import models as serving
 from thyroid_cad import imaging, metrics
-from training import export, sources, tracking
+from training import export, loso, sources, tracking
 from training.audit import inspect_all
 from training.data import scan
 
@@ -70,9 +70,8 @@ def fold_report(fold_run: str, held_out: str, root: Path, src: dict, shifts: dic
     model = serving.load(resolved, serving.Runtime(providers=("CPUExecutionProvider",)))
     split = _artifact(fold_run, "split.json")["assignment"]
     fold = _artifact(fold_run, "holdout.json")
-    tested = [r for r, side in split.items() if side == "test"]
-    in_source = [root / r for r in tested if src[r] != held_out]
-    held = [root / r for r in fold["test"]] + [root / r for r in tested if src[r] == held_out]
+    in_rels, held_rels = loso.shift_sets(split, fold["test"], src, held_out)
+    in_source, held = [root / r for r in in_rels], [root / r for r in held_rels]
     try:
         ref = _scores(model, in_source)
         result = {

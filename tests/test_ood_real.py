@@ -87,7 +87,7 @@ def test_held_out_source_radiographs_and_breast_us(held_out, report, tmp_path_fa
     seed_root = _shared("thyroid-seed")
     chest = _sample(_images(_shared("chest-xray") / "test"), PER_SHIFT)
     breast = _sample(_images(_shared("breast-us") / "images"), PER_SHIFT)
-    from training import export, sources, tracking
+    from training import export, loso, sources, tracking
     from training.audit import inspect_all
     from training.data import scan
     from training.train import TrainConfig, train
@@ -129,11 +129,9 @@ def test_held_out_source_radiographs_and_breast_us(held_out, report, tmp_path_fa
             strict=True,
         )
     )
-    in_source = [
-        seed_root / r for r, side in split.items() if side == "test" and src[r] != held_out
-    ]
-    held = [seed_root / r for r in fold["test"]]
-    held += [seed_root / r for r, side in split.items() if side == "test" and src[r] == held_out]
+    in_rels, held_rels = loso.shift_sets(split, fold["test"], src, held_out)
+    in_source = [seed_root / r for r in in_rels]
+    held = [seed_root / r for r in held_rels]
     threshold = card["ood"]["threshold"]
     ref, ref_not_us = _score(out, in_source)
     result = {

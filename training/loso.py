@@ -22,7 +22,7 @@ The test images of every source stay out of LOSO, so that a sweep may rank by it
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,6 +48,22 @@ def holdout_indices(
         if sources[i] == held_out and (not groups or groups[i] not in seen)
     )
     return {"train": train, "val": val, "test": test}
+
+
+def shift_sets(
+    split: Mapping[str, str], fold_test: Sequence[str], source_of: Mapping[str, str], held_out: str
+) -> tuple[list[str], list[str]]:
+    """(in-source, held-out) images for judging a fold on the shift to its held-out source.
+
+    In-source: the split's test images of the sources the fold trained on (never seen).
+    Held-out: the fold's own test side (the held-out source's train / val images, from
+    its holdout.json) and the split's test images of that source. `split` maps an image
+    to its side (split.json's assignment), `source_of` an image to its source.
+    """
+    tested = [rel for rel, side in split.items() if side == "test"]
+    in_source = [rel for rel in tested if source_of[rel] != held_out]
+    held = list(fold_test) + [rel for rel in tested if source_of[rel] == held_out]
+    return in_source, held
 
 
 def candidates(
