@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -96,16 +97,15 @@ def _roc_figure(rows: list[dict], title: str, out: Path) -> dict:
 def _heatmap_figure(rows: list[dict], positive: int, out: Path, n: int = 8) -> None:
     rng = np.random.default_rng(0)
     picked = []
-    for label in (1, 0):  # malignant first, spread over sources
+    for label in (1, 0):  # malignant first; round-robin over the sources in name order
         pool = [r for r in rows if r["label"] == label]
         rng.shuffle(pool)
-        by_source: dict[str, list[dict]] = {}
-        for r in pool:
-            by_source.setdefault(r["source"], []).append(r)
-        while len([p for p in picked if p["label"] == label]) < n // 2 and any(by_source.values()):
-            for s in sorted(by_source):
-                if by_source[s] and len([p for p in picked if p["label"] == label]) < n // 2:
-                    picked.append(by_source[s].pop())
+        turn: Counter[str] = Counter()
+        keyed = []
+        for r in reversed(pool):
+            keyed.append(((turn[r["source"]], r["source"]), r))
+            turn[r["source"]] += 1
+        picked += [r for _, r in sorted(keyed, key=lambda kr: kr[0])[: n // 2]]
     fig = Figure(figsize=(2.4 * len(picked) // 2, 5.8))
     FigureCanvasAgg(fig)
     for k, r in enumerate(picked):
