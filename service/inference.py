@@ -175,7 +175,7 @@ def with_descriptors(
     if not heads:
         return prediction
     found, estimate = tirads.describe(
-        {d: outputs[f"descriptor_{d}"] for d in heads},
+        {d: outputs[tirads.output_name(d)] for d in heads},
         None if shape is None else shape.taller_than_wide,
     )
     return PredictionOut.model_validate(

@@ -56,6 +56,9 @@ LEXICON: dict[str, tuple[tuple[str, int], ...]] = {
 }
 # The descriptors a model can learn (shape comes from the outline, not from a head).
 DESCRIPTORS = tuple(LEXICON)
+# A model's graph output for a descriptor (probabilities over categories(descriptor)):
+# the name export writes and the service reads.
+OUTPUT_PREFIX = "descriptor_"
 # The annotation column that holds each descriptor in DDTI's CSV.
 COLUMNS = {
     "composition": "composition",
@@ -116,6 +119,11 @@ _RAW: dict[str, dict[str, str]] = {
         "rim calcification": "peripheral (rim) calcifications",
     },
 }
+
+
+def output_name(descriptor: str) -> str:
+    """The graph output that holds `descriptor`'s class probabilities."""
+    return f"{OUTPUT_PREFIX}{descriptor}"
 
 
 def _key(text: str) -> str:

@@ -20,21 +20,15 @@ import numpy as np
 
 from thyroid_cad import tirads
 from thyroid_cad.metrics import wilson
-from training import models
 from training.annotations import find_annotations, for_dataset
 from training.data import Dataset
 
 log = logging.getLogger(__name__)
 
-PREFIX = models.DESCRIPTOR_PREFIX
 # Each descriptor's loss weighs this much beside the classifier's 1.0: the four
 # together count as much as the classification.
 LOSS_WEIGHT = 0.25
 MISSING = -1
-
-
-def output_name(descriptor: str) -> str:
-    return f"{PREFIX}{descriptor}"
 
 
 def head_sizes() -> dict[str, int]:
@@ -88,7 +82,7 @@ def one_hot(codes_: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         m = np.zeros((len(c), sizes[d]), dtype=np.float32)
         known = c != MISSING
         m[np.flatnonzero(known), c[known]] = 1.0
-        out[output_name(d)] = m
+        out[tirads.output_name(d)] = m
     return out
 
 
@@ -110,12 +104,12 @@ def evaluate(
         n = int(known.sum())
         if n == 0:
             continue
-        predicted = np.argmax(np.asarray(test_probs[output_name(d)]), axis=1)
+        predicted = np.argmax(np.asarray(test_probs[tirads.output_name(d)]), axis=1)
         correct = int((predicted[known] == truth[known]).sum())
         low, high = wilson(correct, n)
         train = train_codes[d][train_codes[d] != MISSING]
         majority = int(np.bincount(train).argmax()) if len(train) else -2
-        key = f"test_{PREFIX}{d}"
+        key = f"test_{tirads.output_name(d)}"
         out.update(
             {
                 f"{key}_accuracy": correct / n,
@@ -133,7 +127,7 @@ def table(metrics: dict[str, float], train_codes: dict[str, np.ndarray]) -> dict
     out = {}
     for d, names in labels().items():
         c = train_codes[d]
-        key = f"test_{PREFIX}{d}"
+        key = f"test_{tirads.output_name(d)}"
         out[d] = {
             "categories": names,
             "train_counts": {n: int((c == i).sum()) for i, n in enumerate(names)},

@@ -31,7 +31,7 @@ import tf2onnx
 from keras import layers, ops
 from PIL import Image
 
-from thyroid_cad import imaging
+from thyroid_cad import imaging, tirads
 from thyroid_cad.files import sha256_file
 from training import models, ood, roi, sources
 
@@ -84,7 +84,7 @@ def serving_model(
         extra = {
             k: layers.Identity(name=k)(v)
             for k, v in out.items()
-            if k.startswith(models.DESCRIPTOR_PREFIX) or k == ood.OUTPUT_NAME
+            if k.startswith(tirads.OUTPUT_PREFIX) or k == ood.OUTPUT_NAME
         }
         if extra:  # a dict of outputs: tf2onnx names the graph's outputs by its keys
             outputs = {"probabilities": probabilities, "heatmap": heatmap, **extra}
@@ -244,7 +244,7 @@ def export_model(
     proto = _convert(wrapper, size)
     if isinstance(wrapper.output, dict):  # already named by the serving model's output keys
         names = {o.name for o in proto.graph.output}
-        wanted = {"probabilities", "heatmap", *(models.DESCRIPTOR_PREFIX + d for d in descriptors)}
+        wanted = {"probabilities", "heatmap", *map(tirads.output_name, descriptors)}
         wanted |= {ood.OUTPUT_NAME} if ood_reference is not None else set()
         if wanted != names:
             raise ValueError(f"exported graph outputs {sorted(names)}, expected {sorted(wanted)}")
@@ -277,7 +277,7 @@ def export_model(
     }
     passed = prob_diff < PROBABILITY_TOLERANCE
     if descriptors:
-        keys = {d: models.DESCRIPTOR_PREFIX + d for d in descriptors}
+        keys = {d: tirads.output_name(d) for d in descriptors}
         diffs = {d: float(np.max(np.abs(got[k] - np.asarray(ref[k])))) for d, k in keys.items()}
         parity["descriptors_max_abs_diff"] = diffs
         passed = passed and max(diffs.values()) < PROBABILITY_TOLERANCE
@@ -329,7 +329,7 @@ def export_model(
                 else {}
             ),
             **{
-                f"{models.DESCRIPTOR_PREFIX}{d}": f"N x {len(labels)}, probabilities of the "
+                tirads.output_name(d): f"N x {len(labels)}, probabilities of the "
                 f"ACR TI-RADS {d} categories (card 'descriptors'), a model estimate"
                 for d, labels in descriptors.items()
             },

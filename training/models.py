@@ -16,12 +16,12 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
+from thyroid_cad import tirads
+
 log = logging.getLogger(__name__)
 
 BACKBONES = ("tiny", "unet", "vgg16", "vgg19", "resnet50", "efficientnetb0")
 STRATEGIES = ("frozen", "partial", "full", "two-phase")
-# Output (and layer) names of the TI-RADS descriptor heads: descriptor_<name>.
-DESCRIPTOR_PREFIX = "descriptor_"
 
 # Block names of each backbone, input to output; a layer belongs to the block its
 # name starts with. Partial fine-tuning unfreezes the last N of these.
@@ -244,8 +244,8 @@ def build_model(
         pooled = layers.GlobalAveragePooling2D(name="descriptor_pool", dtype="float32")(features)
         pooled = layers.Dropout(dropout, name="descriptor_dropout")(pooled)
         heads = {
-            f"{DESCRIPTOR_PREFIX}{name}": layers.Dense(
-                n, activation="softmax", dtype="float32", name=f"{DESCRIPTOR_PREFIX}{name}"
+            tirads.output_name(name): layers.Dense(
+                n, activation="softmax", dtype="float32", name=tirads.output_name(name)
             )(pooled)
             for name, n in descriptors.items()
         }
@@ -260,7 +260,7 @@ def descriptor_outputs(model: keras.Model) -> dict:
     return {
         layer.name: layer.output
         for layer in model.layers
-        if isinstance(layer, layers.Dense) and layer.name.startswith(DESCRIPTOR_PREFIX)
+        if isinstance(layer, layers.Dense) and layer.name.startswith(tirads.OUTPUT_PREFIX)
     }
 
 

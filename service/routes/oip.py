@@ -40,11 +40,12 @@ from service.errors import ApiError
 from service.models import LoadedModel
 from service.routes.v1 import extra
 from service.schemas import SQL_INT_MAX
+from thyroid_cad import tirads
 
 OUTPUTS = ("probabilities", "heatmap", "ood_score")
 # Models with TI-RADS descriptor heads also have descriptor_<name> outputs (card
 # 'descriptors'); every graph output is returned, by name.
-DESCRIPTOR_OUTPUT = re.compile(r"descriptor_[a-z_]+")
+DESCRIPTOR_OUTPUT = re.compile(re.escape(tirads.OUTPUT_PREFIX) + "[a-z_]+")
 _OUTPUT_NAME = {
     "type": "string",
     "pattern": "^(probabilities|heatmap|ood_score|descriptor_[a-z_]+)$",
@@ -224,7 +225,9 @@ def _metadata(model: LoadedModel) -> dict:
         h, w = model.card["heatmap_shape"][1:3]
         outputs.append({"name": "heatmap", "datatype": "FP32", "shape": [-1, h, w, k]})
     for d, labels in (model.card.get("descriptors") or {}).items():
-        outputs.append({"name": f"descriptor_{d}", "datatype": "FP32", "shape": [-1, len(labels)]})
+        outputs.append(
+            {"name": tirads.output_name(d), "datatype": "FP32", "shape": [-1, len(labels)]}
+        )
     if safety.OUTPUT_NAME in model.output_names:
         outputs.append({"name": safety.OUTPUT_NAME, "datatype": "FP32", "shape": [-1]})
     return {
