@@ -226,7 +226,9 @@ def test_classifier_with_localiser_bundles_it_through_export_and_registry(
     assert store.cached(f"{name}/{version}").card["roi"]["localiser"]["sha256"] == loc_sha
     shutil.rmtree(resolved.directory)  # a fresh download brings it back too
     assert sha256_file(store.resolve(f"{name}/{version}").directory / "localiser.onnx") == loc_sha
-    store.promote(version, "champion", name)
+    # A 2-epoch model may or may not clear the shortcut gate (seen: test AUC 0.29 in one
+    # CI run); this test is about the bundle, tests/test_registry.py about the gate.
+    store.promote(version, "champion", name, force=True, reason="2-epoch bundle test model")
     by_alias = store.resolve(f"{name}@champion")
     assert by_alias.name == name and (by_alias.directory / "localiser.onnx").is_file()
     assert store.cached(f"{name}@champion").card["bundle"] == card["bundle"]
