@@ -51,7 +51,7 @@ FROM builder AS serve-build
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip install --python /opt/venv/bin/python -r pyproject.toml --extra serve
 COPY --from=source /app/ /app/
-# Editable: the package is read from /app, data files included (service/static, the
+# Editable: the package is read from /app, data files included (service/api/static, the
 # Alembic migrations); the final stage puts the same tree at the same path.
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip install --python /opt/venv/bin/python --no-deps -e /app

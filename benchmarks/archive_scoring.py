@@ -5,7 +5,7 @@
 EXPORT_DIR is a `thyroid-cad export` folder (model.onnx + model_card.json; no registry
 needed), FOLDER the images (e.g. ../shared/data/thyroid-seed). Measured, in one process:
 
-1. decode + crop + letterbox (`service.inference.prepare`) alone, one thread: ms per image;
+1. decode + crop + letterbox (`service.inference.pipeline.prepare`) alone, one thread: ms per image;
 2. the local engine (scoring/local.py) with 1 and with every core's worker: images/s;
 3. with --spark, the Spark engine in local[N] mode: images/s, session start apart.
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scoring import archive, inputs, local  # noqa: E402
 from service import inference  # noqa: E402
-from service.models import Runtime  # noqa: E402
+from service.inference.models import Runtime  # noqa: E402
 
 MAX_PIXELS = 40_000_000
 

@@ -3,7 +3,7 @@
 Times, in one process on the same JPEGs (560x360 thyroid frames from ../shared/data,
 else a phantom frame of that size), the preparation the service runs on every upload:
 the implementation this project had before (kept below as the baseline, not in the
-product), today's (thyroid_cad.imaging + service.decoding), and two alternatives that
+product), today's (thyroid_cad.imaging + service.inference.decoding), and two alternatives that
 were measured and not taken. It checks that today's output is identical to the
 baseline's and relates the cost to one onnxruntime inference of the model (batch 1).
 
@@ -30,7 +30,7 @@ import harness  # noqa: E402
 ROOT = harness.ROOT
 
 
-# -- the baseline: thyroid_cad/imaging.py and service/decoding.py before this change ---
+# -- the baseline: thyroid_cad/imaging.py and service/inference/decoding.py before this change ---
 def old_to_rgb_array(image: Image.Image) -> np.ndarray:
     image = ImageOps.exif_transpose(image)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -130,7 +130,7 @@ def inference_ms(onnx: Path, rounds: int) -> float:
 
 
 def run(backbone: str, size: int, n: int, rounds: int, work: Path, export: Path | None) -> dict:
-    from service import decoding
+    from service.inference import decoding
     from thyroid_cad import imaging
 
     data, source = frames(n)

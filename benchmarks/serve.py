@@ -59,7 +59,7 @@ TARGETS = {
 
 def _payloads(work: Path, size: int, jpeg: bytes) -> tuple[dict, Path]:
     """Request bodies for every route, and the prepared frame (.npy) for raw runs."""
-    from service import decoding
+    from service.inference import decoding
     from thyroid_cad import imaging
 
     d = work / "payloads" / str(size)

@@ -29,7 +29,7 @@ IMPORTED_BY = "csv-import"
 def _database():
     """The service's database (THYROID_CAD_DATABASE_URL / DATABASE_URL), migrated."""
     from service.config import get_settings
-    from service.db import Database
+    from service.store.db import Database
 
     db = Database(get_settings().audit_url())
     try:
@@ -54,7 +54,7 @@ def outcomes_import(
     """Import outcomes. Every row is validated first; any bad row: nothing is written, a
     report per row, exit 1. Else all rows are written in one transaction (entered by
     'csv-import'); a row equal to the latest outcome of its request changes nothing."""
-    from service.outcomes import OutcomeStore
+    from service.store.outcomes import OutcomeStore
 
     with user_errors():
         text = file.read_text(encoding="utf-8-sig")
@@ -90,9 +90,9 @@ def performance_log(
     print it as JSON; with --to-mlflow, log it as a run tagged with the registered model
     name and version and linked to the version's source run."""
     from registry import store
-    from service import performance
     from service.config import get_settings
-    from service.outcomes import OutcomeStore
+    from service.store import performance
+    from service.store.outcomes import OutcomeStore
 
     with user_errors():
         start = datetime.fromisoformat(since) if since else None
@@ -114,7 +114,7 @@ def _log_run(report: dict, experiment: str) -> str:
     import mlflow
 
     from registry import store
-    from service import performance
+    from service.store import performance
     from thyroid_cad import settings
 
     mlflow.set_tracking_uri(settings.tracking_uri())

@@ -40,11 +40,11 @@ def pacs(
     THYROID_CAD_PACS_*); see docs/integration.md. Runs until SIGTERM or Ctrl-C.
     """
     from service.config import get_settings
-    from service.db import Database
-    from service.gateway import Gateway
-    from service.ledger import Ledger
-    from service.models import ModelManager
-    from service.pacs import Pacs, PacsUnavailable
+    from service.hospital.gateway import Gateway
+    from service.hospital.ledger import Ledger
+    from service.hospital.pacs import Pacs, PacsUnavailable
+    from service.inference.models import ModelManager
+    from service.store.db import Database
     from thyroid_cad import settings as paths
 
     # dicomweb-client logs each request with its study UID: our own lines name instances

@@ -29,7 +29,7 @@ def serve(
         get_settings()
 
     uvicorn.run(
-        "service.app:create_app",
+        "service.api.app:create_app",
         factory=True,
         host=host,
         port=port,
@@ -43,8 +43,8 @@ def serve(
 def _key_store():
     """The service database's key store, migrated; disposed of afterwards."""
     from service.config import get_settings
-    from service.db import Database
-    from service.keys import KeyStore
+    from service.store.db import Database
+    from service.store.keys import KeyStore
 
     db = Database(get_settings().audit_url())
     try:

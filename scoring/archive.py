@@ -26,8 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from registry import store
-from service import inference, models
 from service.errors import ApiError
+from service.inference import models
+from service.inference import pipeline as inference
 from service.schemas import DISCLAIMER
 
 log = logging.getLogger(__name__)

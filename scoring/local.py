@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
 from scoring import archive
-from service.models import Runtime
+from service.inference.models import Runtime
 
 ENGINE = "local"
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from scoring import archive
-from service.models import Runtime
+from service.inference.models import Runtime
 
 ENGINE = "spark"
 READS = ("binaryfile", "paths")

@@ -6,7 +6,7 @@
 RUN_ID is a training run trained with `loso: true`: its tags name one fold run per
 held-out source. Each fold is exported (with its OOD reference, computed on the fold's
 own training images) and scored through the service's path (`score_bytes`: decoding,
-the bundled localiser's crop for ROI models, onnxruntime, `service.safety`), on the
+the bundled localiser's crop for ROI models, onnxruntime, `service.inference.safety`), on the
 in-source test images the fold never saw (the reference), the held-out source, chest
 radiographs and breast ultrasound. tests/test_ood_real.py asserts the same on a tiny
 whole-frame model; this script measures any configuration, ROI models included.
@@ -23,8 +23,8 @@ import mlflow
 import numpy as np
 
 from registry import store
-from service import inference
-from service import models as serving
+from service.inference import models as serving
+from service.inference import pipeline as inference
 from thyroid_cad import imaging, metrics
 from training import export, loso, sources, tracking
 from training.audit import inspect_all

@@ -3,7 +3,7 @@
     python scripts/results_figures.py RUN_ID --data ../shared/data/thyroid-seed --out docs/figures
 
 Exports the run's model to ONNX and scores its own test split (split.json of the run)
-through the service's scoring path (`service.inference.score_bytes`: decoding, the
+through the service's scoring path (`service.inference.pipeline.score_bytes`: decoding, the
 bundled localiser's ROI for ROI models, onnxruntime), exactly as `/v1/predict` does
 for an image sent without a box. Writes `roc_by_source.png`, `heatmaps.png` and
 `scores.json` (per-source AUC with bootstrap 95% CI, from training.evaluate).
@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from registry import store
-from service import inference
-from service import models as serving
+from service.inference import models as serving
+from service.inference import pipeline as inference
 from training import evaluate, export, sources, tracking
 from training.audit import inspect_all
 from training.data import scan

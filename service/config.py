@@ -13,7 +13,7 @@ import onnxruntime as ort
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.models import GRAPH_OPTIMIZATION, GraphOptimization, IoBinding, Runtime
+from service.inference.models import GRAPH_OPTIMIZATION, GraphOptimization, IoBinding, Runtime
 from thyroid_cad import settings as paths
 
 
@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     public_metrics: bool = Field(True, description="/metrics needs no key.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted upload.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted width x height.")
-    # Batching and onnxruntime (service/batching.py, docs/benchmarks.md for the defaults).
+    # Batching and onnxruntime (service/inference/batching.py, docs/benchmarks.md for the defaults).
     max_batch_size: int | None = Field(
         None, ge=1, description="Frames per onnxruntime call; unset: 1 on CPU, 16 on GPU."
     )

@@ -117,9 +117,9 @@ def make_served(export: Path, work: Path, label: str):
     from types import SimpleNamespace
 
     from registry import store
-    from service.audit import AuditStore
     from service.config import Settings
-    from service.keys import KeyStore
+    from service.store.audit import AuditStore
+    from service.store.keys import KeyStore
 
     name = f"{label}-{uuid.uuid4().hex[:8]}"
     version = store.register(export, name)

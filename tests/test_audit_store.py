@@ -1,4 +1,4 @@
-"""service.audit.AuditStore and service.keys.KeyStore against real databases: a SQLite
+"""service.store.audit.AuditStore and service.store.keys.KeyStore against real databases: a SQLite
 file and a fresh PostgreSQL database.
 
 Outages are real, not mocked: a SQLite path whose folder does not exist yet, a PostgreSQL
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from service.audit import RECORD_KEYS, AuditStore
-from service.keys import ApiKey, KeyStore
+from service.store.audit import RECORD_KEYS, AuditStore
+from service.store.keys import ApiKey, KeyStore
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_HOST = os.environ.get("THYROID_CAD_TEST_PG_HOST", "127.0.0.1")
@@ -217,7 +217,7 @@ def test_migration_matches_the_models(store):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from service.db import Base
+    from service.store.db import Base
 
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
@@ -227,7 +227,7 @@ def test_migration_matches_the_models(store):
 def test_concurrent_migrate_from_two_processes(db_url, tmp_path):
     script = (
         "import sys, time\n"
-        "from service.audit import AuditStore\n"
+        "from service.store.audit import AuditStore\n"
         "s = AuditStore(sys.argv[1], sys.argv[2])\n"
         "time.sleep(max(0.0, float(sys.argv[3]) - time.time()))\n"
         "s.migrate()\n"
@@ -597,7 +597,7 @@ def test_api_key_secrets_are_not_stored_in_plaintext(store):
 
 def test_import_creates_no_engine_and_no_tensorflow():
     code = (
-        "import sys, service.db, service.audit, service.keys\n"
+        "import sys, service.store.db, service.store.audit, service.store.keys\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'training')]\n"
         "assert not bad, bad\n"
         "import gc, sqlalchemy\n"

@@ -25,7 +25,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
+from service.api.app import create_app
 from training import phantom
 
 PATIENT_NAME = "Doe^Jane^Quintessa"

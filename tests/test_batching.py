@@ -1,4 +1,4 @@
-"""The dynamic batcher (service/batching.py) against its contract, with no model.
+"""The dynamic batcher (service/inference/batching.py) against its contract, with no model.
 
 `run` is the batcher's whole view of a model: frames in, (probabilities, heatmap) out.
 The `Gate` below is such a function in plain numpy that can be held shut, so a queue
@@ -23,9 +23,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from registry import store
-from service.app import create_app
-from service.batching import Batcher, BatchPolicy, Overloaded
+from service.api.app import create_app
 from service.config import Settings, SettingsError, get_settings
+from service.inference.batching import Batcher, BatchPolicy, Overloaded
 from training import phantom
 
 WAIT_S = 30.0  # generous bound on waits that end as soon as the condition holds

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from service.app import create_app
+from service.api.app import create_app
 from thyroid_cad import imaging, settings, tirads
 from training import annotations, descriptors, phantom, pipeline
 from training.data import scan
@@ -234,7 +234,8 @@ def test_v2_returns_descriptor_tensors_by_name(desc_client):
 
 
 def test_estimates_reach_the_structured_findings():
-    from service import findings, inference
+    from service.hospital import findings
+    from service.inference import pipeline as inference
     from service.schemas import ModelOut
 
     card = {"class_names": ["benign", "malignant"], "threshold": 0.5, "descriptors": {}}

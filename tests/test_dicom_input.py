@@ -19,7 +19,7 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
-from service.app import create_app
+from service.api.app import create_app
 
 
 @pytest.fixture(scope="module")

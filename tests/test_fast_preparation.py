@@ -1,7 +1,7 @@
 """The fast preparation path gives the same pixels as the straightforward one.
 
 imaging.content_box uses an integer foreground test and a separable opening built from
-shifted views; service.decoding hands upright RGB and grey JPEGs to simplejpeg. Both
+shifted views; service.inference.decoding hands upright RGB and grey JPEGs to simplejpeg. Both
 are only worth having if training (Pillow, imaging) and serving still see identical
 frames: these tests compare against scipy's binary_opening and Pillow's decoder.
 """
@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from service import decoding
 from service.errors import ApiError
+from service.inference import decoding
 from thyroid_cad import imaging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

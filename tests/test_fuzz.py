@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from service.app import create_app
+from service.api.app import create_app
 
 pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra")
 

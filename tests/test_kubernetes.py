@@ -303,7 +303,7 @@ def test_every_variable_is_a_setting_and_the_config_parses(monkeypatch):
 
 
 def test_probes_hit_routes_the_app_has():
-    from service.app import create_app
+    from service.api.app import create_app
     from service.config import Settings
 
     paths = create_app(Settings()).openapi()["paths"]

@@ -45,3 +45,40 @@ def test_the_cli_is_the_only_entry_point():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"] == {"thyroid-cad": "cli:app"}
+
+
+# service/ by job: api (HTTP) -> hospital (DICOM SR, FHIR, PACS) -> inference (decode,
+# prepare, onnxruntime, heatmaps, safety); api -> store (database, audit, keys,
+# outcomes). The top-level config, errors and schemas are the vocabulary all share.
+SERVICE_FORBIDDEN = {
+    "store": {"api", "hospital", "inference"},
+    "inference": {"api", "hospital", "store"},
+    "hospital": {"api"},
+}
+
+
+def service_parts(path: Path) -> set[str]:
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        parts |= {n.split(".")[1] for n in names if n.startswith("service.")}
+    return parts
+
+
+@pytest.mark.parametrize("part", sorted(SERVICE_FORBIDDEN))
+def test_service_parts_import_one_way(part):
+    files = sorted((ROOT / "service" / part).rglob("*.py"))
+    assert files
+    bad = {
+        str(f.relative_to(ROOT)): sorted(service_parts(f) & SERVICE_FORBIDDEN[part]) for f in files
+    }
+    assert not {f: names for f, names in bad.items() if names}
+
+
+def test_service_vocabulary_imports_no_part():
+    for name in ("errors.py", "schemas.py"):
+        assert not service_parts(ROOT / "service" / name), name

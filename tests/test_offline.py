@@ -22,7 +22,7 @@ from PIL import Image
 
 from cli.common import has_nvidia_gpu
 from registry import store
-from service.app import create_app
+from service.api.app import create_app
 from service.config import Settings
 from training import phantom
 

@@ -21,7 +21,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from service.app import create_app
+from service.api.app import create_app
 from thyroid_cad import imaging
 from training import phantom
 

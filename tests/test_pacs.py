@@ -28,13 +28,13 @@ from fastapi.testclient import TestClient
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, RLELossless
 
-from service import ledger as ledger_mod
-from service.app import create_app
-from service.db import Database
-from service.gateway import Gateway
-from service.ledger import Ledger, instance_key
-from service.models import ModelManager
-from service.pacs import Pacs, PacsUnavailable
+from service.api.app import create_app
+from service.hospital import ledger as ledger_mod
+from service.hospital.gateway import Gateway
+from service.hospital.ledger import Ledger, instance_key
+from service.hospital.pacs import Pacs, PacsUnavailable
+from service.inference.models import ModelManager
+from service.store.db import Database
 
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 START_TIMEOUT_S = 30

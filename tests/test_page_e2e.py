@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
-from service.app import create_app
+from service.api.app import create_app
 from training import phantom
 
 CHROMIUM = Path("/usr/bin/chromium")

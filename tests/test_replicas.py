@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from test_deploy import fresh_databases  # noqa: F401 - a fixture: fresh PostgreSQL databases
 from test_registry_server import _isolated_mlflow_state, mlflow_server  # noqa: F401 - fixtures
 
-from service.app import create_app
-from service.db import Database
-from service.keys import KeyStore
+from service.api.app import create_app
+from service.store.db import Database
+from service.store.keys import KeyStore
 
 
 def _png() -> bytes:

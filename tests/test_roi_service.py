@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
+from service.api.app import create_app
 from thyroid_cad import imaging
 from training import phantom
 
@@ -221,7 +221,7 @@ def test_whole_frame_models_are_unchanged_and_refuse_a_box(served):
 
 def test_a_model_whose_localiser_is_missing_is_refused(session_home, roi_export, tmp_path):
     from registry import store
-    from service.models import Runtime, load
+    from service.inference.models import Runtime, load
 
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from service.app import create_app
+from service.api.app import create_app
 from thyroid_cad import metrics, modality
 from training import phantom
 
@@ -39,8 +39,8 @@ def _auth(key):
 
 
 def _feedback_key(served) -> str:
-    from service.audit import AuditStore
-    from service.keys import KeyStore
+    from service.store.audit import AuditStore
+    from service.store.keys import KeyStore
 
     audit = AuditStore(served.settings.audit_url(), served.settings.audit_spool())
     try:
@@ -210,8 +210,8 @@ def test_outcomes_are_idempotent_keep_history_and_check_input(client, served):
 
 def _known_requests(served, n=40, seed=0):
     """Audited answers with known probabilities, half of them flagged, and outcomes."""
-    from service.audit import AuditStore
-    from service.outcomes import OutcomeIn, OutcomeStore
+    from service.store.audit import AuditStore
+    from service.store.outcomes import OutcomeIn, OutcomeStore
 
     rng = np.random.default_rng(seed)
     audit = AuditStore(served.settings.audit_url(), served.settings.audit_spool())
@@ -283,8 +283,8 @@ def test_performance_endpoint_equals_the_training_metric_functions(client, serve
 
 
 def test_drift_warning_when_live_sensitivity_collapses(client, served):
-    from service.audit import AuditStore
-    from service.outcomes import OutcomeIn, OutcomeStore
+    from service.store.audit import AuditStore
+    from service.store.outcomes import OutcomeIn, OutcomeStore
 
     audit = AuditStore(served.settings.audit_url(), served.settings.audit_spool())
     store = OutcomeStore(audit.db)

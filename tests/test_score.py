@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from scoring import archive, inputs, local
-from service.app import create_app
+from service.api.app import create_app
 from training import phantom
 
 PER_CLASS = 150  # 300 phantom images at 64 px: enough chunks and workers to matter

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from registry import store
-from service.app import create_app
+from service.api.app import create_app
 from training import phantom
 
 

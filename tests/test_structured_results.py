@@ -18,7 +18,7 @@ import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from service import dicom_sr, fhir, findings
+from service.hospital import dicom_sr, fhir, findings
 from service.schemas import DISCLAIMER, ModelOut, PredictionOut
 
 MODEL = ModelOut(

@@ -1,5 +1,5 @@
 """Classification metrics shared by training (training/evaluate.py) and the service's live
-performance endpoint (service/performance.py): ROC AUC with a stratified bootstrap CI,
+performance endpoint (service/store/performance.py): ROC AUC with a stratified bootstrap CI,
 Wilson intervals, confusion-derived metrics at a threshold, calibration (ECE, temperature).
 
 Conventions

@@ -1,6 +1,6 @@
 """API keys: ``tcad_<id>_<secret>`` tokens; only the SHA-256 of the secret is stored.
 
-Kept in the ``api_keys`` table of the service's database (service/db.py).
+Kept in the ``api_keys`` table of the service's database (service/store/db.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from service.db import ApiKeyRow, Database, _utcnow
+from service.store.db import ApiKeyRow, Database, _utcnow
 
 log = logging.getLogger(__name__)
 

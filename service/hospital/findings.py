@@ -1,6 +1,6 @@
 """One scored image as a finding, and the codes the DICOM SR and the FHIR bundle share.
 
-Both structured outputs (service/dicom_sr.py, service/fhir.py) are written from a
+Both structured outputs (service/hospital/dicom_sr.py, service/hospital/fhir.py) are written from a
 Finding, with the concepts below, so they say the same thing in the same words: one
 thyroid nodule finding (SNOMED CT), its probabilities (DICOM "Probability of cancer"
 for the malignant class), the decision at the model's operating point (DICOM "CAD
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from service.inference import Scored
+from service.inference.pipeline import Scored
 from service.schemas import DISCLAIMER, ModelOut, PredictionOut
 
 # Coding scheme designator (DICOM) and system URI (FHIR) of each scheme used.

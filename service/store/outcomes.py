@@ -1,12 +1,12 @@
 """Outcomes: the reference result (cytology or histology) of an earlier request.
 
-One row per revision in the ``outcomes`` table (service/db.py). Posting the body the
+One row per revision in the ``outcomes`` table (service/store/db.py). Posting the body the
 latest revision already holds changes nothing (idempotent); a different body appends
 a revision, so corrections keep their history and the latest revision counts. No free
 text: a Bethesda category or a histology verdict, a date, and who entered it as the
 API key id (never a person's name).
 
-Binary truth for the performance numbers (service/performance.py):
+Binary truth for the performance numbers (service/store/performance.py):
 Bethesda II benign; V and VI malignant; I (non-diagnostic), III (AUS) and IV
 (follicular neoplasm) indeterminate: counted, excluded from AUC, sensitivity and
 specificity. Histology is benign or malignant as recorded.
@@ -25,7 +25,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from service.db import Database, Outcome, RequestRecord, _utcnow
+from service.store.db import Database, Outcome, RequestRecord, _utcnow
 
 BETHESDA_TRUTH = {
     "I": "indeterminate",

@@ -12,12 +12,13 @@ from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import heatmaps, inference, safety
+from service.api.deps import AdminKey, Audited, PredictKey, auth_first
+from service.api.routes import formats
 from service.config import Settings
-from service.deps import AdminKey, Audited, PredictKey, auth_first
 from service.errors import ApiError
-from service.models import ModelManager
-from service.routes import formats
+from service.inference import heatmaps, safety
+from service.inference import pipeline as inference
+from service.inference.models import ModelManager
 from service.schemas import DISCLAIMER, SQL_INT_MAX, ErrorOut, PredictResponse, TimingsOut
 
 

@@ -1,6 +1,6 @@
 """The inference service: the FastAPI app factory and its lifespan.
 
-Routes live in service/routes/ by audience: v1 (the clinical JSON API), oip (the Open
+Routes live in service/api/routes/ by audience: v1 (the clinical JSON API), oip (the Open
 Inference Protocol, /v2, for standard clients), ops (health, readiness, metrics, the
 page for clinicians). No TensorFlow, Keras or training code: the ONNX file and its card
 are the contract.
@@ -19,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.metrics import Metrics
+from service.api.routes import oip, ops, outcomes, v1
 from service.config import Settings, get_settings
 from service.errors import (
     ApiError,
@@ -27,9 +29,7 @@ from service.errors import (
     unexpected_error_handler,
     validation_error_handler,
 )
-from service.metrics import Metrics
-from service.models import ModelManager
-from service.routes import oip, ops, outcomes, v1
+from service.inference.models import ModelManager
 from service.schemas import DISCLAIMER
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # An unreachable registry must fail in seconds, not after minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from service.audit import AuditStore
-        from service.keys import KeyStore
-        from service.outcomes import OutcomeStore
+        from service.store.audit import AuditStore
+        from service.store.keys import KeyStore
+        from service.store.outcomes import OutcomeStore
 
         audit = AuditStore(settings.audit_url(), settings.audit_spool())
         _migrate_when_possible(audit)

@@ -1,4 +1,4 @@
-"""The request audit store (the ``requests`` table of service/db.py).
+"""The request audit store (the ``requests`` table of service/store/db.py).
 
 One row per inference request in ``requests``: who asked (API key id), which model answered,
 a digest of the input, the outcome and timings. Never pixels and never free-text patient data:
@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError, StatementError
 
-from service.db import Database, RequestRecord, _as_utc, _utcnow
+from service.store.db import Database, RequestRecord, _as_utc, _utcnow
 
 log = logging.getLogger(__name__)
 

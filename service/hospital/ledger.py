@@ -1,6 +1,6 @@
 """The PACS gateway's ledger: which instance was handled for which model version, and how
 far each change feed has been read. Tables ``pacs_instances`` and ``pacs_cursors`` of the
-service's database (service/db.py), beside the request audit.
+service's database (service/store/db.py), beside the request audit.
 
 An instance is known here by the SHA-256 of its SOP Instance UID (`instance_key`), never
 by a UID in clear or anything from the patient and study modules.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from service.db import Database, PacsCursor, PacsInstance, _utcnow
+from service.store.db import Database, PacsCursor, PacsInstance, _utcnow
 
 SCORED, SKIPPED, FAILED = "scored", "skipped", "failed"
 

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.errors import ApiError
-from service.keys import GRANTS
+from service.store.keys import GRANTS
 
 # Declares the scheme in the OpenAPI document; authorize() does the checking itself so
 # that every failure is the service's own JSON error.
@@ -24,7 +24,7 @@ bearer = HTTPBearer(auto_error=False, description="An API key: `thyroid-cad keys
 
 def authorize(request: Request, scope: str):
     """The caller's API key if it grants `scope` ('predict', 'feedback' or 'admin'; see
-    service.keys.GRANTS), else 401/403.
+    service.store.keys.GRANTS), else 401/403.
 
     Verified keys are remembered for `settings.key_cache_s` (5 minutes by default) so a
     database outage does not lock out clients that were already talking to the service;

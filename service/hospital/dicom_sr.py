@@ -24,8 +24,8 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from service import findings as fx
-from service.findings import Finding
+from service.hospital import findings as fx
+from service.hospital.findings import Finding
 
 REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 SERIES_NUMBER = 9901  # the CAD's series, apart from the scanner's

@@ -2,7 +2,7 @@
 
 Chosen by `?format=` or, without it, by the first of the three media types the Accept
 header lists. The SR and the bundle are built from the same scored image as the JSON
-answer (service/findings.py), so all three carry the same numbers.
+answer (service/hospital/findings.py), so all three carry the same numbers.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from fastapi import Depends, Header, Query
 from fastapi.responses import JSONResponse, Response
 from pydicom import Dataset
 
-from service import dicom_sr, fhir, findings
 from service.errors import ApiError
-from service.inference import Prepared, Scored
+from service.hospital import dicom_sr, fhir, findings
+from service.inference.pipeline import Prepared, Scored
 from service.schemas import ModelOut
 
 ResultFormat = Literal["json", "dicom-sr", "fhir"]

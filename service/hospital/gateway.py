@@ -3,12 +3,12 @@
 One instance goes through a chain of small steps, each with one job (as a MONAI Deploy
 app chains its operators):
 
-    watch     new instances: Orthanc's change feed, or QIDO-RS searches (service/pacs.py)
-    select    not handled yet for this model version (the ledger, service/ledger.py)
+    watch     new instances: Orthanc's change feed, or QIDO-RS searches (service/hospital/pacs.py)
+    select    not handled yet for this model version (the ledger, service/hospital/ledger.py)
     retrieve  WADO-RS, in the transfer syntax the PACS stores
     check     ultrasound? (SOP class and modality) else skipped
-    infer     service/inference.py: the decode, preparation and model of /v1/predict
-    write     the DICOM SR (service/dicom_sr.py)
+    infer     service/inference/pipeline.py: the decode, preparation and model of /v1/predict
+    write     the DICOM SR (service/hospital/dicom_sr.py)
     store     STOW-RS, same study, the CAD's own series
     record    a ledger row; the change-feed cursor moves past the instance
 
@@ -39,12 +39,13 @@ from pathlib import Path
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from service import dicom_sr, findings, inference
 from service.config import Settings
 from service.errors import ApiError
-from service.ledger import FAILED, SCORED, SKIPPED, Entry, Ledger, instance_key
-from service.models import LoadedModel, ModelManager
-from service.pacs import InstanceGone, InstanceRef, Pacs, PacsError, PacsUnavailable
+from service.hospital import dicom_sr, findings
+from service.hospital.ledger import FAILED, SCORED, SKIPPED, Entry, Ledger, instance_key
+from service.hospital.pacs import InstanceGone, InstanceRef, Pacs, PacsError, PacsUnavailable
+from service.inference import pipeline as inference
+from service.inference.models import LoadedModel, ModelManager
 
 log = logging.getLogger(__name__)
 

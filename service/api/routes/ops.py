@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 
-from service.deps import health_scope, metrics_scope
+from service.api.deps import health_scope, metrics_scope
+from service.api.metrics import Metrics
+from service.api.routes.v1 import errors
 from service.errors import ApiError
-from service.metrics import Metrics
-from service.models import ModelManager
-from service.routes.v1 import errors
+from service.inference.models import ModelManager
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 router = APIRouter(tags=["ops"])

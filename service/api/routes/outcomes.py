@@ -9,12 +9,12 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import performance
-from service.deps import FeedbackKey
+from service.api.deps import FeedbackKey
+from service.api.routes.v1 import TimeQ, _when, errors
 from service.errors import ApiError
-from service.outcomes import OutcomeIn, OutcomeOut, UnknownRequest
-from service.routes.v1 import TimeQ, _when, errors
 from service.schemas import DISCLAIMER, SQL_INT_MAX
+from service.store import performance
+from service.store.outcomes import OutcomeIn, OutcomeOut, UnknownRequest
 
 router = APIRouter(tags=["outcomes"])
 RequestId = Annotated[

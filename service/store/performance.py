@@ -1,7 +1,7 @@
 """Live performance of a model version against recorded outcomes (docs/safety.md).
 
 Over the answered requests (status 200, with probabilities) of one model version since
-a date whose latest outcome is benign or malignant (service/outcomes.py): n, ROC AUC
+a date whose latest outcome is benign or malignant (service/store/outcomes.py): n, ROC AUC
 with a stratified bootstrap 95% CI, sensitivity and specificity at the card's
 operating point with Wilson 95% CIs, and the expected calibration error of
 P(positive class): the functions training reports validation with (thyroid_cad.metrics),
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from service.db import RequestRecord, _as_utc
-from service.outcomes import OutcomeStore
+from service.store.db import RequestRecord, _as_utc
+from service.store.outcomes import OutcomeStore
 from thyroid_cad import metrics
 
 N_BOOT = 1000
@@ -142,7 +142,7 @@ def compute(
 
 
 def update_gauges(gauges: dict, drift, report: dict) -> None:
-    """Prometheus gauges (service.metrics.Metrics.live) from a report."""
+    """Prometheus gauges (service.api.metrics.Metrics.live) from a report."""
     version = str(report["model"]["version"])
     for part, label in (
         ("overall", "all"),

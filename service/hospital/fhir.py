@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 
 from pydicom import Dataset
 
-from service import findings as fx
-from service.dicom_sr import box_polyline, missing_uids
-from service.findings import Finding
+from service.hospital import findings as fx
+from service.hospital.dicom_sr import box_polyline, missing_uids
+from service.hospital.findings import Finding
 
 FHIR_JSON = "application/fhir+json"
 DICOM_UID = "urn:dicom:uid"  # identifier system for DICOM UIDs (value urn:oid:...)

@@ -33,12 +33,13 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import inference, safety
+from service.api.deps import Audited, PredictKey, auth_first, health_scope
+from service.api.routes.v1 import extra
 from service.config import Settings
-from service.deps import Audited, PredictKey, auth_first, health_scope
 from service.errors import ApiError
-from service.models import LoadedModel
-from service.routes.v1 import extra
+from service.inference import pipeline as inference
+from service.inference import safety
+from service.inference.models import LoadedModel
 from service.schemas import SQL_INT_MAX
 from thyroid_cad import tirads
 

@@ -1,8 +1,8 @@
 """The service's SQL database: engine, tables and migrations (SQLAlchemy 2, Alembic).
 
-SQLite or PostgreSQL. Tables: ``requests`` (the audit trail, see service/audit.py),
-``api_keys`` (see service/keys.py), ``outcomes`` (see service/outcomes.py), and the
-PACS gateway's ledger ``pacs_instances`` and ``pacs_cursors`` (see service/ledger.py).
+SQLite or PostgreSQL. Tables: ``requests`` (the audit trail, see service/store/audit.py),
+``api_keys`` (see service/store/keys.py), ``outcomes`` (see service/store/outcomes.py), and the
+PACS gateway's ledger ``pacs_instances`` and ``pacs_cursors`` (see service/hospital/ledger.py).
 Nothing is created at import time: no engine, no settings.
 """
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import decoding, safety
 from service.errors import ApiError
-from service.models import LoadedModel
+from service.inference import decoding, safety
+from service.inference.models import LoadedModel
 from service.schemas import ModelOut, OodOut, PredictionOut, RoiOut, ShapeOut
 from thyroid_cad import imaging, nodule, tirads
 
@@ -50,7 +50,7 @@ class Scored:
     queue_s: float
     inference_s: float
     batch_size: int
-    ood: OodOut | None = None  # the out-of-distribution verdict (service.safety)
+    ood: OodOut | None = None  # the out-of-distribution verdict (service.inference.safety)
 
 
 def parse_roi(text: str | None) -> imaging.Box | None:

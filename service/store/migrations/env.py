@@ -1,6 +1,6 @@
 """Alembic environment for the audit store (configured programmatically, no alembic.ini).
 
-`service.db.Database.migrate()` passes its open connection in ``config.attributes``;
+`service.store.db.Database.migrate()` passes its open connection in ``config.attributes``;
 without one (e.g. ``alembic -x``-less offline use) ``sqlalchemy.url`` is used.
 """
 
@@ -11,7 +11,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from service.db import Base
+from service.store.db import Base
 
 config = context.config
 target_metadata = Base.metadata

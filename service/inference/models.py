@@ -22,8 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 from registry import store
-from service.batching import Batcher, BatchPolicy, Outputs, Overloaded, Result
 from service.errors import ApiError
+from service.inference.batching import Batcher, BatchPolicy, Outputs, Overloaded, Result
 from thyroid_cad import imaging, nodule
 from thyroid_cad.files import sha256_file
 

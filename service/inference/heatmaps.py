@@ -8,7 +8,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from service.models import LoadedModel
+from service.inference.models import LoadedModel
 from service.schemas import HeatmapOut
 from thyroid_cad import imaging
 
