@@ -41,8 +41,10 @@ from training import export, models, pipeline, tracking
 from training.annotations import Annotation, read_annotations
 from training.audit import inspect_all
 from training.data import DataError, Dataset, Record
+from training.fitting import MlflowEpochLogger, subsample
 from training.roi import CARD_FILE, ONNX_FILE, OUTPUT_NAME
 from training.splits import grouped_split
+from training.unet import build_unet
 
 log = logging.getLogger(__name__)
 
@@ -98,38 +100,6 @@ class LocaliserConfig:
 # --------------------------------------------------------------------------- #
 # Model
 # --------------------------------------------------------------------------- #
-def _conv_block(x, filters: int, name: str):
-    for i in (1, 2):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
-        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
-        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
-    return x
-
-
-def build_unet(image_size: int = 128, filters: tuple[int, ...] = (8, 16, 32, 64, 128)):
-    """U-Net (Ronneberger et al. 2015), compact: raw 0-255 RGB in, N x S x S probability out.
-
-    Normalization (x / 255) is the first layer, so the exported graph takes the same
-    uint8 pixels as the classifier. Levels halve the resolution; `filters` gives each
-    level's width (the last is the bottleneck).
-    """
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
-    skips = []
-    for level, width in enumerate(filters[:-1]):
-        x = _conv_block(x, width, f"down{level}")
-        skips.append(x)
-        x = layers.MaxPooling2D(name=f"down{level}_pool")(x)
-    x = _conv_block(x, filters[-1], "bottleneck")
-    for level in reversed(range(len(filters) - 1)):
-        x = layers.UpSampling2D(interpolation="bilinear", name=f"up{level}_resize")(x)
-        x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
-        x = _conv_block(x, filters[level], f"up{level}")
-    x = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="logits")(x)
-    mask = layers.Reshape((image_size, image_size), name=OUTPUT_NAME)(x)
-    return keras.Model(inputs, mask, name="localiser")
-
-
 def dice_bce_loss(y_true, y_pred):
     """Binary cross-entropy plus (1 - soft Dice) per image: Dice copes with nodules
     covering a few percent of the frame; an empty truth and an empty answer score 1."""
@@ -403,13 +373,11 @@ def train_localiser(cfg: LocaliserConfig) -> str:
     Raises:
         ValueError (DataError included): the configuration or the data cannot be used.
     """
-    from training.train import MlflowEpochLogger, _subsample
-
     cfg.validate()
     started = time.monotonic()
     keras.utils.set_random_seed(cfg.seed)
     dataset, anns = collect(cfg.annotations)
-    kept = _subsample(dataset, cfg.max_images, cfg.seed)
+    kept = subsample(dataset, cfg.max_images, cfg.seed)
     if kept is not dataset:
         index = {r.path: i for i, r in enumerate(dataset.records)}
         anns = [anns[index[r.path]] for r in kept.records]

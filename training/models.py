@@ -131,7 +131,7 @@ UNET_WEIGHTS_FILE = "localiser.keras"
 
 
 def unet_backbone(image_size: int, weights: str | None) -> keras.Model:
-    """The nodule localiser's U-Net encoder (training.localiser.build_unet, down to the
+    """The nodule localiser's U-Net encoder (training.unet.build_unet, down to the
     bottleneck), from scratch or with a trained localiser's weights.
 
     A localiser learns from dense outlines of about a thousand thyroid nodules and
@@ -139,7 +139,7 @@ def unet_backbone(image_size: int, weights: str | None) -> keras.Model:
     is the one backbone here that has seen what a nodule looks like (docs/results.md).
     Being fully convolutional, it takes any input size.
     """
-    from training.localiser import build_unet  # localiser -> export -> models: no cycle
+    from training.unet import build_unet  # here: importing models needn't load roi and MLflow
 
     if weights is None:
         unet = build_unet(image_size)

@@ -29,7 +29,8 @@ from thyroid_cad.imaging import PREPROCESSING_VERSION, ROI_MARGIN
 from training import descriptors as desc
 from training import evaluate, loso, models, pipeline, roi, sources, tracking
 from training.audit import inspect_all
-from training.data import Dataset, scan
+from training.data import scan
+from training.fitting import MlflowEpochLogger, subsample
 from training.splits import grouped_split
 
 log = logging.getLogger(__name__)
@@ -106,34 +107,6 @@ class TrainConfig:
     @property
     def pretrained(self) -> bool:
         return self.init_from is not None or models.resolve_weights(self.weights) is not None
-
-
-class MlflowEpochLogger(keras.callbacks.Callback):
-    """Per-epoch training metrics to MLflow; keeps counting across fine-tuning phases."""
-
-    def __init__(self, history: dict[str, list[float]], offset: int = 0):
-        super().__init__()
-        self.history = history
-        self.offset = offset
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = {k: float(v) for k, v in (logs or {}).items()}
-        for k, v in logs.items():
-            self.history.setdefault(k, []).append(v)
-        mlflow.log_metrics({f"epoch_{k}": v for k, v in logs.items()}, step=self.offset + epoch)
-
-
-def _subsample(dataset: Dataset, max_images: int | None, seed: int) -> Dataset:
-    if not max_images or max_images >= len(dataset.records):
-        return dataset
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(dataset.labels)
-    keep: list[int] = []
-    for c in np.unique(labels):  # stratified, so rare classes survive
-        idx = np.flatnonzero(labels == c)
-        n = max(1, round(max_images * len(idx) / len(labels)))
-        keep += rng.choice(idx, size=min(n, len(idx)), replace=False).tolist()
-    return dataset.subset(sorted(keep))
 
 
 def _compile(model: keras.Model, learning_rate: float) -> None:
@@ -243,7 +216,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
     if tf.config.list_physical_devices("GPU"):
         keras.mixed_precision.set_global_policy("mixed_float16")
 
-    dataset = _subsample(scan(cfg.data, cfg.manifest), cfg.max_images, cfg.seed)
+    dataset = subsample(scan(cfg.data, cfg.manifest), cfg.max_images, cfg.seed)
     infos = inspect_all(dataset)
     src = sources.assign_sources(dataset, infos)
     split = grouped_split(dataset, cfg.val_fraction, cfg.test_fraction, cfg.seed, infos)
