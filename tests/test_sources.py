@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from training import loso, sources
-from training.audit import ImageInfo
-from training.data import Dataset, Record, scan
+from training.data import Dataset, ImageInfo, Record, scan
 
 
 def _dataset(n: int, manifest_sources: dict[int, str] | None = None) -> Dataset:

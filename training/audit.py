@@ -19,21 +19,12 @@ from PIL import Image
 
 from thyroid_cad import imaging
 from training import sources
-from training.data import Dataset
+from training.data import Dataset, ImageInfo
 
 # Hamming distance (of 64 bits) up to which two images count as near duplicates.
 # Checked by eye on thyroid-seed: pairs at <= 8 bits were one frame re-saved or two
 # adjacent frames of one nodule; pairs at 10 bits and more were different scans.
 NEAR_DUPLICATE_BITS = 8
-
-
-@dataclass
-class ImageInfo:
-    """What one pass over the pixels learns about an image (None fields: unreadable)."""
-
-    size: tuple[int, int] | None
-    phash: int | None
-    error: str | None = None
 
 
 def inspect_image(path) -> ImageInfo:

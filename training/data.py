@@ -129,6 +129,16 @@ class Dataset:
         )
 
 
+# Filled in by training.audit; here, below the audit and training.sources, which both read it.
+@dataclass
+class ImageInfo:
+    """What one pass over the pixels learns about an image (None fields: unreadable)."""
+
+    size: tuple[int, int] | None
+    phash: int | None
+    error: str | None = None
+
+
 def _order_classes(names: set[str]) -> tuple[str, ...]:
     if names <= set(THYROID_CLASS_ORDER):
         return tuple(c for c in THYROID_CLASS_ORDER if c in names)

@@ -32,8 +32,7 @@ from thyroid_cad.files import sha256_file
 from thyroid_cad.settings import cache_dir
 from training import pipeline, tracking
 from training.annotations import for_dataset
-from training.audit import ImageInfo
-from training.data import Dataset
+from training.data import Dataset, ImageInfo
 
 log = logging.getLogger(__name__)
 

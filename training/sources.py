@@ -29,15 +29,11 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training import evaluate
-from training.data import Dataset
-
-if TYPE_CHECKING:  # the audit reports sources, so it imports this module
-    from training.audit import ImageInfo
+from training.data import Dataset, ImageInfo
 
 MIN_SOURCE_IMAGES = 20
 MIN_SOURCE_FRACTION = 0.05

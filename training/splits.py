@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.audit import ImageInfo, Leakage, inspect_all, leakage_groups
-from training.data import Dataset
+from training.audit import Leakage, inspect_all, leakage_groups
+from training.data import Dataset, ImageInfo
 
 SPLITS = ("train", "val", "test")
 
