@@ -1,7 +1,8 @@
 """Import arrows point one way: cli -> scoring -> service / registry / training -> thyroid_cad.
 
 Checked on the source (every import statement, at any depth), so a lazy import inside
-a function counts too.
+a function counts too. Inside service/ the parts import one way, and inside training/
+no modules import each other in a circle.
 """
 
 import ast
@@ -82,3 +83,29 @@ def test_service_parts_import_one_way(part):
 def test_service_vocabulary_imports_no_part():
     for name in ("errors.py", "schemas.py"):
         assert not service_parts(ROOT / "service" / name), name
+
+
+def training_imports(path: Path, modules: set[str]) -> set[str]:
+    """The training/ modules that one training/ file imports, at any depth."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("training.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "training":  # from training import models, ood
+                found |= {a.name for a in node.names} & modules
+            elif node.module.startswith("training."):
+                found.add(node.module.split(".")[1])
+    return found - {path.stem}
+
+
+def test_training_modules_import_one_way():
+    import graphlib
+
+    files = {f.stem: f for f in (ROOT / "training").glob("*.py")}
+    graph = {name: training_imports(f, set(files)) for name, f in files.items()}
+    assert graph["localiser"] >= {"fitting", "unet"}, "the parser misses imports"
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        pytest.fail(f"training/ imports in a circle: {' -> '.join(e.args[1])}")
