@@ -19,8 +19,8 @@ router = APIRouter(tags=["ops"])
 
 
 @router.get("/healthz", dependencies=[Depends(health_scope)], responses=errors(401))
-def healthz():
-    """Liveness: the process answers."""
+async def healthz():
+    """Liveness: the process answers (on the event loop itself, no thread, no I/O)."""
     return {"status": "ok"}
 
 
