@@ -134,6 +134,7 @@ def oip_errors(*statuses: int) -> dict:
     why = {
         400: "Malformed request or tensor, or a version that is not a positive integer.",
         401: "Missing or unknown API key.",
+        403: "The key lacks the scope this route needs (a feedback key on inference).",
         404: "No such model or version.",
         413: "Request, batch or image too large.",
         415: "An encoded image is not a supported format.",
@@ -190,8 +191,8 @@ INFER_OK = {
         },
     }
 }
-METADATA_ERRORS = oip_errors(400, 401, 404, 422, 503)
-INFER_ERRORS = oip_errors(400, 401, 404, 413, 415, 422, 503)
+METADATA_ERRORS = oip_errors(400, 401, 403, 404, 422, 503)
+INFER_ERRORS = oip_errors(400, 401, 403, 404, 413, 415, 422, 503)
 Version = Annotated[
     str,
     Path(
@@ -522,7 +523,7 @@ def _encode_outputs(header: dict, tensors: dict[str, np.ndarray]) -> tuple[list[
 HEALTH = [Depends(health_scope)]  # public unless THYROID_CAD_PUBLIC_HEALTH=false
 
 
-@router.get("/v2/health/live", dependencies=HEALTH, responses=oip_errors(401))
+@router.get("/v2/health/live", dependencies=HEALTH, responses=oip_errors(401, 403))
 async def live():
     """OIP liveness (on the event loop: no thread, no I/O)."""
     return {"live": True}
@@ -532,7 +533,7 @@ async def live():
     "/v2/health/ready",
     dependencies=HEALTH,
     responses={
-        **oip_errors(401),
+        **oip_errors(401, 403),
         503: {
             "description": "Not ready: the served model is not loaded.",
             "content": {"application/json": {"schema": {"type": "object"}}},
@@ -545,7 +546,7 @@ async def ready(request: Request):
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/v2", dependencies=HEALTH, responses=oip_errors(401))
+@router.get("/v2", dependencies=HEALTH, responses=oip_errors(401, 403))
 def server_metadata():
     """OIP server metadata."""
     return {
@@ -555,7 +556,7 @@ def server_metadata():
     }
 
 
-@router.get("/v2/models/stats", dependencies=HEALTH, responses=oip_errors(401))
+@router.get("/v2/models/stats", dependencies=HEALTH, responses=oip_errors(401, 403))
 def all_stats(request: Request):
     """Triton's statistics extension: every version that has served (declared before
     /v2/models/{name}, which would take `stats` for a model name)."""
