@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from pydantic import WithJsonSchema
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.api.deps import AdminKey, Audited, PredictKey, auth_first
@@ -81,8 +82,16 @@ TimeQ = Annotated[
     Query(
         pattern=RFC_3339,
         description="RFC 3339 date (midnight UTC) or date-time with its offset.",
-        json_schema_extra={"anyOf": [{"format": "date"}, {"format": "date-time"}]},
         examples=["2026-01-01", "2026-01-01T08:30:00Z"],
+    ),
+    # The schema of the string alone: an optional query parameter is absent, never null
+    # (a null branch made generators send `end=`, which no parser takes for a date).
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": RFC_3339,
+            "anyOf": [{"format": "date"}, {"format": "date-time"}],
+        }
     ),
 ]
 
