@@ -148,7 +148,7 @@ class Batcher:
         with self._cond:
             self._admit(frames)
         try:
-            self._inline.acquire()
+            self._wait_turn()
         finally:
             with self._cond:
                 self._queued_frames -= len(frames)  # running now, no longer queued
@@ -166,6 +166,10 @@ class Batcher:
         except Exception:  # noqa: BLE001 - metrics must never stop inference
             log.exception("batch hook failed for %s", self.name)
         return Result(rows, start - enqueued, n)
+
+    def _wait_turn(self) -> None:
+        """Wait for the session (its own frame, so a profile can tell waiting from work)."""
+        self._inline.acquire()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop taking requests; finish those queued, then end the worker."""
