@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import free_port, wait_ready
 from PIL import Image
 
 from service.store import db
@@ -36,16 +36,10 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def process(served, tmp_path):
     """The service in its own process, configured through the environment like a pod."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -54,20 +48,9 @@ def process(served, tmp_path):
         "THYROID_CAD_SPOOL_DIR": str(served.spool),
     }
     log = (tmp_path / "server.log").open("w")
+    serve = "-m uvicorn service.api.app:create_app --factory --host 127.0.0.1 --log-level warning"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "service.api.app:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],  # fmt: skip
+        [sys.executable, *serve.split(), "--port", str(port)],
         env=env,
         cwd=ROOT,
         stdout=log,
@@ -75,16 +58,7 @@ def process(served, tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.3)
+        wait_ready(f"{base}/readyz", proc)
         yield base
     finally:
         proc.terminate()
