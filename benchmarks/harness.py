@@ -194,12 +194,13 @@ def _export(backbone: str, size: int, out: Path) -> None:
 
 
 def register(export: Path, home: Path, name: str) -> tuple[str, int]:
-    """Register the export as `name`@champion in a throwaway SQLite MLflow store."""
+    """Register the export as `name`@champion in a throwaway SQLite MLflow store (forced:
+    a benchmark's random weights carry no robustness numbers for the promotion gate)."""
     env = _env(home)
     code = (
         "import sys; from pathlib import Path; from registry import store; "
         "v = store.register(Path(sys.argv[1]), sys.argv[2]); "
-        "store.promote(v, 'champion', sys.argv[2], reason='benchmark'); print(v)"
+        "store.promote(v, 'champion', sys.argv[2], force=True, reason='benchmark'); print(v)"
     )
     out = subprocess.run(
         [PYTHON, "-c", code, str(export), name], env=env, check=True, capture_output=True
@@ -611,6 +612,78 @@ def _raw(args) -> dict:
     }
 
 
+def measure_pipeline(
+    onnx_path: Path, encoded: Path, threads: int, seconds: float, min_images: int
+) -> dict:
+    """The service's own decode + prepare + onnxruntime, in `threads` threads of a fresh
+    process, without HTTP: the limit the service's routes can approach. Its session has
+    the service's options and runs one call at a time, as the service's batcher does on
+    CPU (concurrent calls would only oversubscribe the cores)."""
+    cmd = [PYTHON, __file__, "pipeline", "--onnx", str(onnx_path), "--image", str(encoded)]
+    cmd += ["--threads", str(threads), "--seconds", str(seconds), "--min-calls", str(min_images)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=_env())
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _pipeline(args) -> dict:
+    import threading
+
+    import onnxruntime as ort
+
+    from service.inference import pipeline
+    from service.inference.models import Runtime
+
+    # The service's session options (threads, no spinning), as `thyroid-cad serve` uses.
+    options = Runtime().session_options()
+    options.log_severity_level = QUIET_ORT
+    session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
+    size = int(session.get_inputs()[0].shape[1])
+    data = Path(args.image).read_bytes()
+    names = [o.name for o in session.get_outputs()]
+    one_run = threading.Lock()  # one session call at a time, as the service's batcher does
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        prepared = pipeline.prepare(data, size, 40_000_000)
+        with one_run:
+            session.run(names, {"image": prepared.square[None]})
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(3):
+        once()
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+    cpu0 = time.process_time()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if time.perf_counter() - start >= args.seconds and len(latencies) >= args.min_calls:
+                    return
+            ms = once()
+            with lock:
+                latencies.append(ms)
+
+    workers = [threading.Thread(target=worker) for _ in range(args.threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    return {
+        "providers": session.get_providers(),
+        "calls": len(latencies),
+        "images": len(latencies),
+        "elapsed_s": elapsed,
+        "images_per_s": len(latencies) / elapsed,
+        "cpu_s_per_image": (time.process_time() - cpu0) / len(latencies),
+        "peak_rss_mb": _peak_rss_mb(),
+        "errors": {},
+        **percentiles(latencies),
+    }
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -709,6 +782,12 @@ def main() -> None:
     r.add_argument("--min-calls", type=int, default=10)
     r.add_argument("--providers", default="")
     r.add_argument("--frame", default="")
+    pl = sub.add_parser("pipeline")
+    pl.add_argument("--onnx", required=True)
+    pl.add_argument("--image", required=True, help="an encoded image file (JPEG, PNG, ...)")
+    pl.add_argument("--threads", type=int, default=1)
+    pl.add_argument("--seconds", type=float, default=3.0)
+    pl.add_argument("--min-calls", type=int, default=10)
     ld = sub.add_parser("load")
     ld.add_argument("spec", type=Path)
     pv = sub.add_parser("providers")
@@ -721,6 +800,8 @@ def main() -> None:
         _export(args.backbone, args.size, args.out)
     elif args.cmd == "raw":
         print(json.dumps(_raw(args)))
+    elif args.cmd == "pipeline":
+        print(json.dumps(_pipeline(args)))
     else:
         print(json.dumps(asyncio.run(_load(json.loads(args.spec.read_text())))))
 

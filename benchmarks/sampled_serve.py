@@ -33,6 +33,7 @@ IDLE = {
     ("get", "queue.py"),
     ("_wait_for_tstate_lock", "threading.py"),
     ("sleep", "tasks.py"),
+    ("_wait_turn", "batching.py"),  # a request waiting for the model's session (queued)
 }
 
 

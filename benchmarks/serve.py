@@ -6,6 +6,8 @@ in a throwaway SQLite MLflow store and served by:
 
 - raw onnxruntime `InferenceSession.run` in a process of its own (the limit), batch
   1 and batched, on the frame the service would prepare;
+- the raw pipeline: the service's own decode + prepare + onnxruntime on the JPEG, in 1
+  and 8 threads of a process of its own, no HTTP (the limit the routes can approach);
 - this service (`thyroid-cad serve`, uvicorn, 1 worker, audit and keys on):
   `/v1/predict` with heatmap none / png / overlay, `/v2` infer with a UINT8 tensor
   and with the encoded JPEG as BYTES (binary tensor extension), at each concurrency;
@@ -52,6 +54,9 @@ TARGETS = {
     "throughput": 0.9,  # service / raw images/s at concurrency 8
     "overhead_ms": 3.0,  # service - raw p50 at concurrency 1, no heatmap
     "png_extra": 0.05,  # png heatmap over none, p50 at concurrency 1
+    # Issue 17: against the raw pipeline (the same decode + prepare + onnxruntime, no HTTP).
+    "vs_pipeline": 0.85,  # service / raw pipeline images/s at concurrency 8
+    "pipeline_overhead_ms": 3.0,  # service - raw pipeline p50 at concurrency 1
     "vs_flask": 5.0,
     "vs_mlflow": 2.0,
 }
@@ -147,6 +152,16 @@ def run_model(export: Path, args, work: Path, jpeg: bytes, log) -> dict:
                     frame=frame,
                 )
                 cells.setdefault(("raw onnxruntime", f"batch {batch}", None, batch), []).append(r)
+            for c in args.concurrency:
+                log(f"[{backbone}] repeat {rep + 1}: raw pipeline threads {c}")
+                r = harness.measure_pipeline(
+                    export / "model.onnx",
+                    requests["v1 none"].body,
+                    c,
+                    args.seconds,
+                    max(args.min_requests, 2 * c),
+                )
+                cells.setdefault(("raw pipeline", "decode+prepare+run", c, 1), []).append(r)
             for label, server in servers.items():
                 routes = {"mlflow": ["mlflow"], "flask-keras": ["flask"]}.get(label, args.routes)
                 for route in routes:
@@ -294,6 +309,19 @@ def targets(rows: list[dict], repeats: int, variants: list[str]) -> list[dict]:
                     "<=",
                 )
             )
+        pipe = "raw pipeline", "decode+prepare+run"
+        s = _paired(rows, (v, "v1 none", c8), (*pipe, c8), "images_per_s", div)
+        out.append(_target(v, f"v1 none c={c8} / raw pipeline", s, TARGETS["vs_pipeline"], ">="))
+        s = _paired(rows, (v, "v1 none", 1), (*pipe, 1), "p50_ms", sub)
+        out.append(
+            _target(
+                v,
+                "p50 overhead v1 none c=1 - raw pipeline (ms)",
+                s,
+                TARGETS["pipeline_overhead_ms"],
+                "<=",
+            )
+        )
         s = _paired(rows, (v, "v1 png", 1), (v, "v1 none", 1), "p50_ms", lambda x, y: x / y - 1)
         out.append(_target(v, "png heatmap extra p50, c=1", s, TARGETS["png_extra"], "<="))
         s = _paired(

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: auto).")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads (0: auto).")
+    allow_spinning: bool = Field(
+        False,
+        description="Let onnxruntime's idle intra-op threads spin (busy-wait) for work: a "
+        "little faster on an idle host, but they take the cores decoding and the event loop "
+        "need.",
+    )
     graph_optimization: GraphOptimization = Field(
         "all", description=f"onnxruntime graph optimisation: {', '.join(GRAPH_OPTIMIZATION)}."
     )
@@ -126,6 +132,7 @@ class Settings(BaseSettings):
             providers=tuple(self.providers),
             intra_op_threads=self.intra_op_threads,
             inter_op_threads=self.inter_op_threads,
+            allow_spinning=self.allow_spinning,
             graph_optimization=self.graph_optimization,
             io_binding=self.io_binding,
             max_batch_size=self.max_batch_size,

@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,36 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
     return JSONResponse(_body(request, "invalid_request", problems), status_code=422)
 
 
+def _leaves(routes):
+    """The routes themselves: FastAPI wraps each included router in one entry that holds it
+    as `original_router` (our routers have no prefix, so their paths are the app's)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaves(inner.routes)
+        else:
+            yield route
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's 405 names only the methods
+    of the first route whose path matched, so a path served by two routes (GET and POST
+    /v1/requests/{id}/outcome) would advertise one."""
+    methods: set[str] = set()
+    for route in _leaves(request.app.router.routes):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= route.methods
+    return sorted(methods)
+
+
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
     return JSONResponse(
         _body(request, codes.get(exc.status_code, "http_error"), str(exc.detail)),
         status_code=exc.status_code,
-        headers=getattr(exc, "headers", None),
+        headers=headers or None,
     )

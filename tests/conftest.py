@@ -169,6 +169,33 @@ def run_server():
     return running_server
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc, timeout_s: float = 120) -> None:
+    """Poll GET `url` until it answers 200; fail if `proc` (a Popen) exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"the server exited ({proc.returncode}) while starting"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer 200 in {timeout_s} s"
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def running_server(app, ready_path: str = "/v2/health/ready"):
     """`app` under uvicorn in a background thread on a free 127.0.0.1 port, ready.

@@ -552,3 +552,34 @@ def test_thyroid_cad_serve_refuses_bad_settings_before_starting(tmp_path):
     assert "error: invalid service settings:" in run.stderr
     assert "THYROID_CAD_IO_BINDING='sometimes': Input should be 'auto', 'on' or 'off'" in run.stderr
     assert "Traceback" not in run.stderr and "Uvicorn running" not in run.stderr
+
+
+def test_batches_of_one_run_in_the_callers_thread_without_a_handoff():
+    """max_batch_size 1 (the CPU default): nothing to gather, so no trip to the worker and
+    back, two wake-ups that each waited for the GIL (issue 17, item 7)."""
+    threads = []
+
+    def run(frames):
+        threads.append(threading.get_ident())
+        return {"probabilities": np.zeros((len(frames), 2), np.float32)}
+
+    heard = []
+    batcher = Batcher(run, BatchPolicy(max_batch_size=1), "inline", lambda n, s: heard.append(n))
+    try:
+        result = batcher.submit(_frames(1, 2))
+        assert threads == [threading.get_ident()]
+        assert result.batch_size == 2 and result.probabilities.shape == (2, 2)
+        assert heard == [2] and batcher.queued == 0
+    finally:
+        batcher.close()
+
+
+def test_sessions_do_not_spin_unless_asked():
+    """Spinning intra-op threads busy-wait between calls, taking the cores that decoding and
+    the event loop share with them (issue 17, item 7)."""
+    from service.inference.models import Runtime
+
+    key = "session.intra_op.allow_spinning"
+    assert Runtime().session_options().get_session_config_entry(key) == "0"
+    assert Runtime(allow_spinning=True).session_options().get_session_config_entry(key) == "1"
+    assert Settings(allow_spinning=True).runtime().allow_spinning is True

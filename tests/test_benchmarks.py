@@ -56,6 +56,8 @@ def test_serve_quick_measures_every_route_and_writes_table_chart_and_json(tiny_e
     assert model["providers"][0] == "CPUExecutionProvider"
     rows = {(r["system"], r["route"], r["concurrency"]): r for r in model["rows"]}
     expected = {("raw onnxruntime", f"batch {b}", None) for b in (1, 2)}
+    # The raw pipeline: decode + prepare + onnxruntime in threads, no HTTP (issue 17).
+    expected |= {("raw pipeline", "decode+prepare+run", c) for c in (1, 2)}
     expected |= {("service", route, c) for route in harness_routes() for c in (1, 2)}
     assert set(rows) == expected
     for key, row in rows.items():
@@ -67,6 +69,7 @@ def test_serve_quick_measures_every_route_and_writes_table_chart_and_json(tiny_e
     whats = {t["what"] for t in model["targets"]}
     assert any(w.startswith("throughput v1 none") for w in whats)
     assert any(w.startswith("p50 overhead v1 none") for w in whats)
+    assert {"v1 none c=2 / raw pipeline", "p50 overhead v1 none c=1 - raw pipeline (ms)"} <= whats
     assert all(t["value"] is not None for t in model["targets"])
     for route in ("v1 none", "v1 png"):  # the sampled instance of the service
         profile = model["profile"][route]

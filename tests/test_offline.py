@@ -6,10 +6,8 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
@@ -17,6 +15,7 @@ from urllib.parse import urljoin, urlparse
 import httpx
 import numpy as np
 import pytest
+from conftest import free_port, wait_ready
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -108,12 +107,6 @@ def _serve(env: dict, port: int) -> subprocess.Popen:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @cpu_host_only
 def test_the_service_on_a_cpu_host_says_cpu_once_and_nothing_red(served):
     s = served.settings
@@ -125,20 +118,11 @@ def test_the_service_on_a_cpu_host_says_cpu_once_and_nothing_red(served):
         "THYROID_CAD_PROVIDERS": '["CUDAExecutionProvider","CPUExecutionProvider"]',
     }
     pinned = store.register(served.export, served.name)  # not the champion
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     process = _serve(env, port)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.communicate()[1]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.2)
+        wait_ready(f"{base}/readyz", process)
         auth = {"Authorization": f"Bearer {served.predict_key}"}
         # a second session (a pinned version, loaded on demand) must not repeat the line
         url = f"{base}/v1/models/{served.name}/versions/{pinned}/predict?heatmap=none"

@@ -405,6 +405,97 @@ def test_unknown_requested_output_is_400(client, server):
     assert status == "400" and "unknown_output" in message and "logits" in message
 
 
+def test_an_output_name_this_model_lacks_is_400(server):
+    """`descriptor_x` has the form of a descriptor head's output, but this model has none:
+    400 as for any unknown output, not 200 with no outputs (issue 17)."""
+    body = {"inputs": [_uint8_json(_frames(server, n=1))], "outputs": [{"name": "descriptor_x"}]}
+    r = _infer(server, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("unknown_output:") and "descriptor_x" in r.text
+
+
+def test_outputs_come_back_in_the_requested_order(client, server):
+    batch = _frames(server, n=1)
+    asked = ["ood_score", "heatmap", "probabilities"]
+    result = client.infer(
+        server.name,
+        [_uint8_input(batch, True)],
+        outputs=[triton.InferRequestedOutput(n, binary_data=True) for n in asked],
+        headers=_auth(server.predict_key),
+    )
+    assert [o["name"] for o in result.get_response()["outputs"]] == asked
+    assert result.as_numpy("probabilities").shape == (1, len(server.classes))
+
+
+@pytest.mark.parametrize("datatype", ["UINT8", "BYTES"])
+def test_bytes_after_the_binary_input_tensor_are_400(server, datatype):
+    if datatype == "UINT8":
+        raw = _frames(server, n=1).tobytes()
+        shape = [1, server.size, server.size, 3]
+    else:
+        png = _png()
+        raw = len(png).to_bytes(4, "little") + png
+        shape = [1]
+    tensor = {"name": "image", "datatype": datatype, "shape": shape,
+              "parameters": {"binary_data_size": len(raw)}}  # fmt: skip
+    head = json.dumps({"inputs": [tensor]}).encode()
+    headers = {**_auth(server.predict_key), "Inference-Header-Content-Length": str(len(head))}
+    ok = _infer(server, headers=headers, content=head + raw)
+    assert ok.status_code == 200, ok.text
+    r = _infer(server, headers=headers, content=head + raw + b"\0junk")
+    assert r.status_code == 400 and r.json()["error"].startswith("invalid_tensor:"), r.text
+    assert "5 bytes" in r.json()["error"]
+
+
+def test_tritonclient_reads_the_model_configuration(client, server):
+    s, k = server.size, len(server.classes)
+    h, w = server.card["heatmap_shape"][1:3]
+    for version in ("", str(server.version)):
+        config = client.get_model_config(server.name, model_version=version)
+        assert config["name"] == server.name and config["platform"] == "onnxruntime_onnx"
+        assert config["max_batch_size"] == 64
+        assert config["input"] == [{"name": "image", "data_type": "TYPE_UINT8", "dims": [s, s, 3]}]
+        assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
+            ("probabilities", "TYPE_FP32", [k]),
+            ("heatmap", "TYPE_FP32", [h, w, k]),
+            ("ood_score", "TYPE_FP32", []),
+        ]
+        batching = config["dynamic_batching"]  # the service's batcher, as configured
+        assert batching["preferred_batch_size"] == [1]
+        assert batching["default_queue_policy"] == {"max_queue_size": 64}
+        assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_config("no-such-model")
+    assert _error(e)[0] == "404"
+
+
+def test_tritonclient_reads_the_inference_statistics(client, server):
+    def stats() -> dict:
+        (one,) = client.get_inference_statistics(server.name, str(server.version))["model_stats"]
+        return one
+
+    before = stats()
+    batch = _frames(server, n=2)
+    client.infer(server.name, [_uint8_input(batch, True)], headers=_auth(server.predict_key))
+    after = stats()
+    assert after["name"] == server.name and after["version"] == str(server.version)
+    assert after["inference_count"] - before["inference_count"] == 2  # frames
+    assert after["execution_count"] > before["execution_count"]  # onnxruntime calls
+    assert after["last_inference"] >= before["last_inference"] > 0
+    done, was = after["inference_stats"], before["inference_stats"]
+    for stage in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert done[stage]["count"] == was[stage]["count"] + 1, stage
+        assert done[stage]["ns"] >= was[stage]["ns"], stage
+    assert done["compute_infer"]["ns"] > was["compute_infer"]["ns"]
+    assert done["fail"] == was["fail"]
+    assert 2 in {b["batch_size"] for b in after["batch_stats"]}  # one call for the request
+    everything = client.get_inference_statistics()["model_stats"]
+    assert [m["version"] for m in everything] == [str(server.version)]
+    with pytest.raises(InferenceServerException) as e:
+        client.get_inference_statistics("no-such-model")
+    assert _error(e)[0] == "404"
+
+
 def _split_binary(response: httpx.Response) -> tuple[dict, bytes]:
     """(JSON header, raw bytes after it) of a binary tensor extension response."""
     n = int(response.headers["Inference-Header-Content-Length"])

@@ -30,6 +30,7 @@ from service.errors import (
     validation_error_handler,
 )
 from service.inference.models import ModelManager
+from service.inference.stats import InferenceStats
 from service.schemas import DISCLAIMER
 
 log = logging.getLogger(__name__)
@@ -73,19 +74,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         audit = AuditStore(settings.audit_url(), settings.audit_spool())
         _migrate_when_possible(audit)
         audit.start_replayer()
-        metrics = Metrics()
+        metrics, stats = Metrics(), InferenceStats()
+
+        def on_event(kind: str, **labels) -> None:
+            metrics.event(kind, **labels)
+            stats.event(kind, **labels)
+
         manager = ModelManager(
             settings.model,
             settings.extra_aliases,
             settings.runtime(),
             settings.max_loaded_models,
-            on_event=metrics.event,
+            on_event=on_event,
         )
         manager.start(settings.poll_interval_s)
         app.state.settings, app.state.audit = settings, audit
         app.state.keys = KeyStore(audit.db)
         app.state.outcomes = OutcomeStore(audit.db)
-        app.state.metrics, app.state.models = metrics, manager
+        app.state.metrics, app.state.models, app.state.stats = metrics, manager, stats
         app.state.key_cache = {}
         try:
             yield

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -96,9 +99,11 @@ def auth_first(scope: str) -> type[APIRoute]:
     return AuthFirstRoute
 
 
-def health_scope(request: Request):
+async def health_scope(request: Request):
+    """Nothing to check when health is public (the default), so probes never wait for a
+    thread: with every request thread busy, a liveness probe must still answer."""
     if not request.app.state.settings.public_health:
-        authorize(request, "predict")
+        await run_in_threadpool(authorize, request, "predict")
 
 
 def metrics_scope(request: Request):
@@ -111,10 +116,21 @@ AdminKey = Annotated[object, Depends(admin_scope)]
 FeedbackKey = Annotated[object, Depends(feedback_scope)]
 
 
-class Audited:
-    """Collects what the audit record of one predict request needs, and writes it.
+# How long an answer waits for its audit record to reach the database or the spool. A
+# commit takes milliseconds, so normally every answer's record is stored before the answer
+# leaves (a query right after sees it); when the database is slow or locked the answer goes
+# anyway and its record lands later (database or spool, never lost).
+AUDIT_WAIT_S = 0.5
+_DONE: Future[bool] = Future()  # what there is to wait for when nothing was recorded
+_DONE.set_result(False)
 
-    Use as a context manager; the handler calls finish(200) on success.
+
+class Audited:
+    """Collects what the audit record of one predict request needs, and hands it to the
+    audit store's writer thread (one non-blocking path for /v1 and /v2).
+
+    Use as a context manager (`with` in a sync handler, `async with` in an async one);
+    the handler calls finish(200) on success.
     """
 
     def __init__(self, request: Request, route: str, key):
@@ -126,22 +142,42 @@ class Audited:
             "route": route,
         }
         self.start = time.perf_counter()
+        self.landed: Future[bool] | None = None
 
     def __enter__(self) -> Audited:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         """A request that raised is recorded too: its ApiError, or a 500."""
-        if isinstance(exc, ApiError):
-            self.finish(exc.status, exc.code)
-        elif exc is not None:
-            self.finish(500, "internal_error")
+        landed = self._finish_raised(exc)
+        with contextlib.suppress(TimeoutError):
+            landed.exception(timeout=AUDIT_WAIT_S)
         return False
 
+    async def __aenter__(self) -> Audited:
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        """As __exit__, waiting for the record without holding the event loop."""
+        landed = asyncio.wrap_future(self._finish_raised(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(landed), AUDIT_WAIT_S)
+        return False
+
+    def _finish_raised(self, exc: BaseException | None) -> Future[bool]:
+        """The record's future, after finishing it with the error `exc` if it raised."""
+        if self.landed is None and isinstance(exc, ApiError):
+            self.finish(exc.status, exc.code)
+        elif self.landed is None and exc is not None:
+            self.finish(500, "internal_error")
+        return self.landed or _DONE
+
     def finish(self, status: int, error_code: str | None = None) -> None:
+        """Record the answer (queued: it returns at once) and count it in the metrics."""
         app = self.request.app
         self.record.update(status_code=status, error_code=error_code)
-        app.state.audit.record(self.record)
+        self.landed = app.state.audit.submit(self.record)
+        app.state.stats.request(self.record)
         version = str(self.record.get("model_version") or "none")
         elapsed = time.perf_counter() - self.start
         app.state.metrics.requests.labels(self.route, version, str(status)).inc()

@@ -10,6 +10,12 @@ When the queue holds `max_queue_size` frames, new requests are refused at once
 The worker also serialises inference: on a CPU host onnxruntime already spreads one
 call over every core, so concurrent `session.run` calls only oversubscribe them.
 
+With `max_batch_size` 1 (the CPU default: batches gain nothing there) there is nothing to
+gather, so a request runs in its own thread, one at a time under a lock, with the same
+queue limit: handing it to the worker and back cost two thread wake-ups, each waiting for
+the GIL behind whatever Python code runs meanwhile (up to the 5 ms switch interval; this
+was most of the gap between inference in the service and in a bare session).
+
 Hot swap: `close()` lets the worker finish every request already queued, then stop;
 a request that reaches a closed batcher (it took its model reference just before the
 swap) runs directly in its own thread. Nothing queued is dropped.
@@ -92,6 +98,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._busy_s = 0.0  # recent time per batch, for Retry-After
+        self._inline = threading.Lock()  # max_batch_size 1: one caller runs at a time
         self._thread = threading.Thread(target=self._work, daemon=True, name=f"batcher-{name}")
         self._thread.start()
 
@@ -109,20 +116,24 @@ class Batcher:
             "queued": self._queued_frames,
         }
 
+    def _admit(self, frames: np.ndarray) -> None:
+        """Count `frames` as queued, or raise Overloaded (call with the condition held)."""
+        if self._queued_frames + len(frames) > self.policy.max_queue_size and self._queued_frames:
+            per_frame = self._busy_s / max(self.policy.max_batch_size, 1)
+            wait = per_frame * self._queued_frames
+            raise Overloaded(self._queued_frames, self.policy.max_queue_size, max(1, round(wait)))
+        self._queued_frames += len(frames)
+
     def submit(self, frames: np.ndarray) -> Result:
         """Run `frames` (N x S x S x 3 uint8) in some batch; blocks until done."""
+        if self.policy.max_batch_size == 1:
+            return self._run_inline(frames)
         request = _Request(frames)
         with self._cond:
             closed = self._closed
             if not closed:
-                if self._queued_frames + len(frames) > self.policy.max_queue_size and self._queue:
-                    per_frame = self._busy_s / max(self.policy.max_batch_size, 1)
-                    wait = per_frame * self._queued_frames
-                    raise Overloaded(
-                        self._queued_frames, self.policy.max_queue_size, max(1, round(wait))
-                    )
+                self._admit(frames)
                 self._queue.append(request)
-                self._queued_frames += len(frames)
                 self._cond.notify()
         if closed:  # outside the lock: the worker may still be draining the queue
             return Result(self._run(frames), 0.0, len(frames))
@@ -130,6 +141,35 @@ class Batcher:
         if request.error is not None:
             raise request.error
         return Result(request.outputs, request.queue_s, request.batch_size)
+
+    def _run_inline(self, frames: np.ndarray) -> Result:
+        """Batches of one: run in the caller's thread, one caller at a time (see above)."""
+        enqueued = time.perf_counter()
+        with self._cond:
+            self._admit(frames)
+        try:
+            self._wait_turn()
+        finally:
+            with self._cond:
+                self._queued_frames -= len(frames)  # running now, no longer queued
+        try:
+            start = time.perf_counter()
+            out = self._run(frames)
+            took = time.perf_counter() - start
+        finally:
+            self._inline.release()
+        self._busy_s = 0.8 * self._busy_s + 0.2 * took if self._busy_s else took
+        n = len(frames)
+        rows = {name: value[:n] for name, value in out.items()}  # as the worker splits them
+        try:
+            self._on_batch(n, took)
+        except Exception:  # noqa: BLE001 - metrics must never stop inference
+            log.exception("batch hook failed for %s", self.name)
+        return Result(rows, start - enqueued, n)
+
+    def _wait_turn(self) -> None:
+        """Wait for the session (its own frame, so a profile can tell waiting from work)."""
+        self._inline.acquire()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop taking requests; finish those queued, then end the worker."""

@@ -52,6 +52,9 @@ class Runtime:
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_threads: int = 0
+    # Spinning intra-op threads busy-wait between calls: in a service they burn the cores
+    # that decoding, the event loop and the HTTP stack share with them (docs/benchmarks.md).
+    allow_spinning: bool = False
     graph_optimization: GraphOptimization = "all"
     io_binding: IoBinding = "auto"
     max_batch_size: int | None = None  # None: DEFAULT_BATCH by the provider in use
@@ -65,6 +68,9 @@ class Runtime:
         options.log_severity_level = 4
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = self.inter_op_threads
+        spin = "1" if self.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         options.graph_optimization_level = GRAPH_OPTIMIZATION[self.graph_optimization]
         return options
 

@@ -9,11 +9,20 @@ database is unreachable the record goes to a spool folder (one JSON file per rec
 atomically) and :meth:`AuditStore.replay_spool` (or the replayer thread) writes it later.
 ``request_id`` is the primary key, so replaying is idempotent.
 
+Requests do not write their records themselves: :meth:`AuditStore.submit` hands a record to
+one writer thread and returns a future at once (write-behind). The writer commits whatever
+has queued meanwhile in one transaction (group commit), so neither the event loop nor the
+request threads ever wait on the database. Once a commit fails (the database is down, or
+locked for longer than its busy timeout) the writer spools every record at once instead of
+waiting on the database again, until the replayer has written the spool back: a slow or
+locked database costs one busy timeout, not one per request.
+
 Nothing is created at import time: no engine, no settings.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -25,6 +34,7 @@ import re
 import tempfile
 import threading
 import uuid
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,6 +54,9 @@ log = logging.getLogger(__name__)
 
 MAX_QUERY_LIMIT = 1000
 SPOOL_REJECTED = "rejected"
+# Records per transaction of the writer thread: one commit for a burst of requests, but
+# a bounded transaction (and a bounded loss to the spool when it fails).
+WRITE_BATCH = 500
 
 RECORD_KEYS: tuple[str, ...] = tuple(c.key for c in RequestRecord.__table__.columns)
 _STR_LIMITS: dict[str, int] = {
@@ -179,7 +192,14 @@ class AuditStore:
         self._replay_lock = threading.Lock()
         self._replayer: threading.Thread | None = None
         self._stop = threading.Event()
-        self._outage = False  # logs the first failure of an outage loudly, the rest quietly
+        # Set by a failed write, cleared by a successful one or a complete spool replay. The
+        # writer thread spools without trying the database while it is set.
+        self._outage = False
+        self._pending: collections.deque[tuple[dict[str, Any], Future[bool]]] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._writer: threading.Thread | None = None
+        self._last: Future[bool] | None = None
 
     def migrate(self) -> None:
         """``alembic upgrade head`` (see Database.migrate)."""
@@ -242,6 +262,88 @@ class AuditStore:
             return 0
         conn.execute(insert(table), rec)
         return 1
+
+    # ------------------------------------------------------------------ write-behind
+
+    def submit(self, rec: dict[str, Any]) -> Future[bool]:
+        """Queue one record for the writer thread. Never raises and never blocks.
+
+        The future resolves as :meth:`record` would answer (True: in the database; False:
+        spooled, or lost and logged) once the writer has dealt with it.
+        """
+        landed: Future[bool] = Future()
+        try:
+            clean = normalize_record(rec)
+        except Exception:
+            log.exception("audit record could not be normalised; dropped")
+            landed.set_result(False)
+            return landed
+        with self._wake:
+            if self._closing:  # after close(): nobody would write it
+                landed.set_result(self.record(clean))
+                return landed
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_behind, name="audit-writer", daemon=True
+                )
+                self._writer.start()
+            self._pending.append((clean, landed))
+            self._last = landed  # records are written in order: this one lands last
+            self._wake.notify()
+        return landed
+
+    def _write_behind(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if not self._pending:
+                    return  # closing, and everything is written
+                batch = [
+                    self._pending.popleft() for _ in range(min(WRITE_BATCH, len(self._pending)))
+                ]
+            try:
+                self._write_batch(batch)
+            except BaseException as exc:  # noqa: BLE001 - a waiting request must not hang
+                log.exception("audit writer failed; spooling its batch")
+                for clean, landed in batch:
+                    if not landed.done():
+                        self._spool(clean)
+                        landed.set_result(False)
+                if not isinstance(exc, Exception):
+                    raise
+
+    def _write_batch(self, batch: list[tuple[dict[str, Any], Future[bool]]]) -> None:
+        """One transaction for the batch; the spool for all of it when the database fails."""
+        if not self._outage:
+            try:
+                with self.engine.begin() as conn:
+                    for clean, _ in batch:
+                        self._insert_ignore(conn, clean)
+            except Exception as exc:
+                if _is_record_problem(exc):  # one bad record: write them one by one
+                    for clean, landed in batch:
+                        landed.set_result(self.record(clean))
+                    return
+                log.warning("audit DB write failed; spooling to %s until it is back",
+                            self.spool_dir, exc_info=True)  # fmt: skip
+                self._outage = True
+            else:
+                for _, landed in batch:
+                    landed.set_result(True)
+                return
+        for clean, landed in batch:
+            self._spool(clean)
+            landed.set_result(False)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every record submitted so far is in the database or the spool (so a
+        query after a request sees its record)."""
+        with self._wake:
+            last = self._last
+        if last is not None:
+            with contextlib.suppress(TimeoutError):
+                last.exception(timeout=timeout_s)
 
     # ------------------------------------------------------------------ spool
 
@@ -325,6 +427,10 @@ class AuditStore:
                     log.info("audit spool replay stopped (%s); %d written", exc, written)
                     break
                 path.unlink(missing_ok=True)
+            else:  # every spooled record is back: the writer may use the database again
+                if self._outage and (written or self.db.healthy()):
+                    log.info("audit DB writes succeed again")
+                    self._outage = False
         if written:
             log.info("audit spool: %d record(s) replayed", written)
         return written
@@ -339,7 +445,7 @@ class AuditStore:
         def loop() -> None:
             while not self._stop.wait(interval_s):
                 try:
-                    if self.spooled() > 0:
+                    if self._outage or self.spooled() > 0:
                         self.replay_spool()
                 except Exception:
                     log.exception("audit spool replayer failed; retrying")
@@ -348,7 +454,13 @@ class AuditStore:
         self._replayer.start()
 
     def close(self) -> None:
-        """Stop the replayer and dispose of the engine's connections."""
+        """Write (or spool) every submitted record, stop the writer and the replayer, and
+        dispose of the engine's connections."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._writer is not None:
+            self._writer.join(timeout=60)
         self._stop.set()
         if self._replayer is not None:
             self._replayer.join(timeout=30)
@@ -367,7 +479,9 @@ class AuditStore:
         offset: int = 0,
     ) -> tuple[list[dict[str, Any]], int]:
         """Records with ``start <= created_at < end`` (naive datetimes are UTC) and the given
-        model version / label, newest first: ``(page, total matching)``."""
+        model version / label, newest first: ``(page, total matching)``. Records submitted
+        before the call are included (it waits for the writer)."""
+        self.flush()
         if not 0 <= limit <= MAX_QUERY_LIMIT:
             raise ValueError(f"limit must be between 0 and {MAX_QUERY_LIMIT}")
         if offset < 0:

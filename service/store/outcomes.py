@@ -39,10 +39,42 @@ HISTOLOGY = ("benign", "malignant")
 CSV_COLUMNS = ("request_id", "kind", "pathology", "date")
 
 
+def _one_of(schema: dict[str, Any]) -> None:
+    """OutcomeIn's JSON schema as what the validator below accepts: a union on `kind`, each
+    with its own pathology values (one flat schema would allow histology "VI")."""
+    date = schema["properties"]["date"]
+
+    def branch(kind: str, values: tuple[str, ...], what: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "title": f"{kind.capitalize()}Outcome",
+            "required": ["kind", "pathology", "date"],
+            "additionalProperties": False,
+            "properties": {
+                "kind": {"type": "string", "const": kind, "description": what},
+                "pathology": {"type": "string", "enum": list(values)},
+                "date": date,
+            },
+        }
+
+    union = [
+        branch("bethesda", tuple(BETHESDA_TRUTH), "FNA cytology category (Bethesda I-VI)."),
+        branch("histology", HISTOLOGY, "Surgical pathology: benign or malignant."),
+    ]
+    description = schema.get("description")
+    schema.clear()
+    schema.update(
+        oneOf=union,
+        discriminator={"propertyName": "kind"},
+        title="OutcomeIn",
+        description=description,
+    )
+
+
 class OutcomeIn(BaseModel):
     """The reference result of a request: no free text, nothing that names a person."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of)
 
     kind: Literal["bethesda", "histology"] = Field(
         description="bethesda: FNA cytology category; histology: surgical pathology."

@@ -134,6 +134,7 @@ def oip_errors(*statuses: int) -> dict:
     why = {
         400: "Malformed request or tensor, or a version that is not a positive integer.",
         401: "Missing or unknown API key.",
+        403: "The key lacks the scope this route needs (a feedback key on inference).",
         404: "No such model or version.",
         413: "Request, batch or image too large.",
         415: "An encoded image is not a supported format.",
@@ -190,8 +191,8 @@ INFER_OK = {
         },
     }
 }
-METADATA_ERRORS = oip_errors(400, 401, 404, 422, 503)
-INFER_ERRORS = oip_errors(400, 401, 404, 413, 415, 422, 503)
+METADATA_ERRORS = oip_errors(400, 401, 403, 404, 422, 503)
+INFER_ERRORS = oip_errors(400, 401, 403, 404, 413, 415, 422, 503)
 Version = Annotated[
     str,
     Path(
@@ -416,6 +417,28 @@ def _ood_parameters(ood: list) -> dict:
     }
 
 
+def _all_read(blob: bytes, used: int) -> None:
+    """400 for binary data beyond what the input tensor declares (binary_data_size), as
+    Triton refuses it: trailing bytes are a client bug, not padding."""
+    if len(blob) > used:
+        raise _bad(
+            f"{len(blob) - used} bytes of binary data after the input tensor's "
+            f"binary_data_size ({used})",
+            "invalid_tensor",
+        )
+
+
+def _check_outputs(header: dict, model: LoadedModel) -> None:
+    """400 `unknown_output` for a requested output this model's graph does not have."""
+    have = model.output_names
+    for o in header.get("outputs", []):
+        if o["name"] not in have:
+            raise _bad(
+                f"unknown output {o['name']!r}; {model.name} v{model.version} has {have}",
+                "unknown_output",
+            )
+
+
 def _batch(
     model: LoadedModel, spec: dict, blob: bytes, limits: Settings
 ) -> tuple[np.ndarray, dict, list]:
@@ -425,6 +448,7 @@ def _batch(
         if len(shape) != 4 or shape[1:] != [s, s, 3]:
             raise ApiError(400, "invalid_shape", f"UINT8 image must have shape [N, {s}, {s}, 3]")
         size = spec.get("parameters", {}).get("binary_data_size")
+        _all_read(blob, size or 0)
         if size is not None:
             values = np.frombuffer(blob[:size], dtype=np.uint8)
         else:
@@ -452,7 +476,8 @@ def _batch(
             [],
         )
     if dtype == "BYTES":
-        files, _ = _bytes_elements(spec, blob, 0)
+        files, used = _bytes_elements(spec, blob, 0)
+        _all_read(blob, used)
         if len(files) > MAX_BATCH:
             raise ApiError(413, "batch_too_large", f"at most {MAX_BATCH} images per request")
         if not files:
@@ -482,9 +507,8 @@ def _encode_outputs(header: dict, tensors: dict[str, np.ndarray]) -> tuple[list[
     asked = {o["name"]: o.get("parameters", {}) for o in header.get("outputs", [])}
     all_binary = header.get("parameters", {}).get("binary_data_output", False)
     outputs, blob = [], []
-    for name, values in tensors.items():
-        if asked and name not in asked:
-            continue
+    for name in asked or tensors:  # the requested outputs in the requested order
+        values = tensors[name]
         out = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
         if asked.get(name, {}).get("binary_data", all_binary):
             raw = np.ascontiguousarray(values, dtype="<f4").tobytes()
@@ -499,9 +523,9 @@ def _encode_outputs(header: dict, tensors: dict[str, np.ndarray]) -> tuple[list[
 HEALTH = [Depends(health_scope)]  # public unless THYROID_CAD_PUBLIC_HEALTH=false
 
 
-@router.get("/v2/health/live", dependencies=HEALTH, responses=oip_errors(401))
-def live():
-    """OIP liveness."""
+@router.get("/v2/health/live", dependencies=HEALTH, responses=oip_errors(401, 403))
+async def live():
+    """OIP liveness (on the event loop: no thread, no I/O)."""
     return {"live": True}
 
 
@@ -509,23 +533,36 @@ def live():
     "/v2/health/ready",
     dependencies=HEALTH,
     responses={
-        **oip_errors(401),
+        **oip_errors(401, 403),
         503: {
             "description": "Not ready: the served model is not loaded.",
             "content": {"application/json": {"schema": {"type": "object"}}},
         },
     },
 )
-def ready(request: Request):
-    """OIP readiness: 200 when the served model is loaded."""
+async def ready(request: Request):
+    """OIP readiness: 200 when the served model is loaded (in memory: no I/O)."""
     ok = request.app.state.models.ready
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/v2", dependencies=HEALTH, responses=oip_errors(401))
+@router.get("/v2", dependencies=HEALTH, responses=oip_errors(401, 403))
 def server_metadata():
     """OIP server metadata."""
-    return {"name": "thyroid-cad", "version": "1", "extensions": ["binary_tensor_data"]}
+    return {
+        "name": "thyroid-cad",
+        "version": "1",
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
+    }
+
+
+@router.get("/v2/models/stats", dependencies=HEALTH, responses=oip_errors(401, 403))
+def all_stats(request: Request):
+    """Triton's statistics extension: every version that has served (declared before
+    /v2/models/{name}, which would take `stats` for a model name)."""
+    manager = request.app.state.models
+    stats = request.app.state.stats
+    return stats.triton(manager.name, stats.versions())
 
 
 @router.get("/v2/models/{name}", dependencies=HEALTH, responses=METADATA_ERRORS)
@@ -578,11 +615,13 @@ async def infer_version(request: Request, key: PredictKey, name: str, version: V
 
 
 async def _infer(request: Request, key, name: str, version: str | None):
-    with Audited(request, "/v2/models/{name}/infer", key) as audited:
-        model = _model(request, name, version)
+    async with Audited(request, "/v2/models/{name}/infer", key) as audited:
+        # A version not loaded yet is loaded on first use: file and session work, off the loop.
+        model = await run_in_threadpool(_model, request, name, version)
         audited.record.update(model_name=model.name, model_version=model.version)
         limits: Settings = request.app.state.settings
         header, blob = await _parse(request, 4 * limits.max_upload_bytes)
+        _check_outputs(header, model)  # before any decoding work
         t0 = time.perf_counter()
         batch, facts, located = await run_in_threadpool(
             _batch, model, header["inputs"][0], blob, limits
@@ -638,3 +677,84 @@ async def _infer(request: Request, key, name: str, version: str | None):
             media_type="application/octet-stream",
             headers={"Inference-Header-Content-Length": str(len(head))},
         )
+
+
+_TRITON_TYPE = {"UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}
+
+
+def _config(model: LoadedModel) -> dict:
+    """The model in Triton's model-configuration JSON: with max_batch_size > 0 the dims
+    leave out the batch dimension; dynamic_batching carries the batcher's policy."""
+    meta = _metadata(model)
+
+    def tensors(entries: list[dict]) -> list[dict]:
+        return [
+            {"name": t["name"], "data_type": _TRITON_TYPE[t["datatype"]], "dims": t["shape"][1:]}
+            | ({"reshape": {"shape": []}} if len(t["shape"]) == 1 else {})
+            for t in entries
+        ]
+
+    policy = model.batcher.policy if model.batcher is not None else None
+    config = {
+        "name": model.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"specific": {"versions": [model.version]}},
+        "max_batch_size": MAX_BATCH,  # frames one request may carry
+        "input": tensors(meta["inputs"]),
+        "output": tensors(meta["outputs"]),
+        "instance_group": [
+            {
+                "name": f"{model.name}_0",
+                "kind": "KIND_CPU" if model.providers[0] == "CPUExecutionProvider" else "KIND_GPU",
+                "count": 1,
+            }
+        ],
+        "parameters": {
+            "class_names": {"string_value": json.dumps(model.card["class_names"])},
+            "onnx_sha256": {"string_value": model.card["sha256"]},
+        },
+    }
+    if policy is not None:
+        config["dynamic_batching"] = {
+            "preferred_batch_size": [policy.max_batch_size],
+            "max_queue_delay_microseconds": int(round(policy.max_queue_delay_s * 1e6)),
+            "default_queue_policy": {"max_queue_size": policy.max_queue_size},
+        }
+    return config
+
+
+@router.get("/v2/models/{name}/config", dependencies=HEALTH, responses=METADATA_ERRORS)
+def model_config(request: Request, name: str):
+    """Triton's model-configuration extension for the served version."""
+    return _config(_model(request, name, None))
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/config", dependencies=HEALTH, responses=METADATA_ERRORS
+)
+def version_config(request: Request, name: str, version: Version):
+    """Triton's model-configuration extension for one version."""
+    return _config(_model(request, name, version))
+
+
+def _stats(request: Request, name: str, version: str | None) -> dict:
+    model = _model(request, name, version)  # 404 for another name or an unknown version
+    stats = request.app.state.stats
+    versions = [model.version] if version is not None else stats.versions() or [model.version]
+    return stats.triton(model.name, versions)
+
+
+@router.get("/v2/models/{name}/stats", dependencies=HEALTH, responses=METADATA_ERRORS)
+def model_stats(request: Request, name: str):
+    """Triton's statistics extension: counts and cumulative times of every version that
+    has served (the served one when none has yet)."""
+    return _stats(request, name, None)
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/stats", dependencies=HEALTH, responses=METADATA_ERRORS
+)
+def version_stats(request: Request, name: str, version: Version):
+    """Triton's statistics extension for one version."""
+    return _stats(request, name, version)

@@ -18,16 +18,16 @@ STATIC = Path(__file__).resolve().parents[1] / "static"
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/healthz", dependencies=[Depends(health_scope)], responses=errors(401))
-def healthz():
-    """Liveness: the process answers."""
+@router.get("/healthz", dependencies=[Depends(health_scope)], responses=errors(401, 403))
+async def healthz():
+    """Liveness: the process answers (on the event loop itself, no thread, no I/O)."""
     return {"status": "ok"}
 
 
 @router.get(
     "/readyz",
     dependencies=[Depends(health_scope)],
-    responses={**errors(401), 503: {"description": "Not ready: no model loaded (same body)."}},
+    responses={**errors(401, 403), 503: {"description": "Not ready: no model loaded (same body)."}},
 )
 def readyz(request: Request):
     """Readiness: a model is loaded (503 otherwise), with where it came from."""

@@ -41,6 +41,7 @@ def record_outcome(request: Request, request_id: RequestId, body: OutcomeIn, key
     if not _ID.fullmatch(request_id):
         raise ApiError(404, "request_not_found", "no audited request with this request_id")
     entered_by = getattr(key, "id", None) or "no-key"
+    request.app.state.audit.flush()  # an answer given just now is in the database
     try:
         out, added = _store(request).record(request_id, body, entered_by)
     except UnknownRequest as e:
@@ -79,6 +80,7 @@ def live_performance(
     or malignant outcome, overall and in / out of distribution (feedback or admin key)."""
     start = _when(since, "since")
     model, _ = request.app.state.models.get(version=model_version)
+    request.app.state.audit.flush()  # answers given just now count
     try:
         report = performance.compute(_store(request), model.card, model.name, model.version, start)
     except SQLAlchemyError as e:

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from pydantic import WithJsonSchema
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.api.deps import AdminKey, Audited, PredictKey, auth_first
@@ -69,13 +70,29 @@ RoiQ = Annotated[
         examples=["120,80,200,150"],
     ),
 ]
-ISO_8601 = (
+# RFC 3339 (what OpenAPI's `date` and `date-time` formats mean): a full date, or a date-time
+# with seconds and an offset. The pattern refuses other shapes (422); _when() parses what it
+# lets through, so the schema and the server accept the same strings.
+RFC_3339 = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
-    r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?$"
+    r"([Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2}))?$"
 )
 TimeQ = Annotated[
     str | None,
-    Query(pattern=ISO_8601, description="ISO 8601 date or date-time (UTC if no offset)."),
+    Query(
+        pattern=RFC_3339,
+        description="RFC 3339 date (midnight UTC) or date-time with its offset.",
+        examples=["2026-01-01", "2026-01-01T08:30:00Z"],
+    ),
+    # The schema of the string alone: an optional query parameter is absent, never null
+    # (a null branch made generators send `end=`, which no parser takes for a date).
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": RFC_3339,
+            "anyOf": [{"format": "date"}, {"format": "date-time"}],
+        }
+    ),
 ]
 
 # Predict routes check the key before the upload is parsed (see deps.auth_first).
@@ -272,14 +289,24 @@ def models(request: Request, key: PredictKey):
 
 
 def _when(value: str | None, name: str) -> datetime | None:
-    """The query's date or date-time in UTC (no offset: UTC); 400 if it is no such thing."""
+    """The query's RFC 3339 date (midnight UTC) or date-time in UTC; 400 if it names no
+    day (2026-02-30). A valid time beyond the years 1..9999 once in UTC (0001-01-01T00:00:00
+    +01:00) is the first or last instant there is: as a bound it excludes nothing."""
     if value is None:
         return None
     try:
-        when = datetime.fromisoformat(re.sub(r"Z$", "+00:00", value))
-        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    except (ValueError, OverflowError) as e:  # 2026-02-30; 0001-01-01T00:00+01:00
+        when = datetime.fromisoformat(re.sub(r"Z$", "+00:00", value.upper()))
+    except ValueError as e:
         raise ApiError(400, "invalid_datetime", f"{name}: {e}") from e
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        offset = when.utcoffset()
+        return (datetime.min if offset and offset.total_seconds() > 0 else datetime.max).replace(
+            tzinfo=UTC
+        )
 
 
 @router.get("/v1/requests", tags=["admin"], responses=errors(400, 401, 403, 422, 503))
