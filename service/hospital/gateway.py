@@ -155,7 +155,9 @@ class Gateway:
             raise
         except PacsError as e:
             return failed(f"unreadable: {e}")
-        why = not_ultrasound(dataset)
+        # Absent or malformed patient and study attributes are no reason: the SR writes
+        # them empty (dicom_sr.conform); only a source an SR cannot reference is one.
+        why = not_ultrasound(dataset) or dicom_sr.unusable(dataset)
         if why:
             return skipped(why)
         try:
@@ -166,7 +168,7 @@ class Gateway:
             return failed(e.code)
         try:
             sr = self.write(dataset, scored, model, alias)
-        except ValueError as e:  # highdicom refused, or the source lacks its UIDs
+        except ValueError as e:  # highdicom refused the content
             return failed(f"sr_not_built: {type(e).__name__}")
         try:
             self.pacs.store(sr)
