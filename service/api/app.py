@@ -30,6 +30,7 @@ from service.errors import (
     validation_error_handler,
 )
 from service.inference.models import ModelManager
+from service.logs import hold_third_party
 from service.schemas import DISCLAIMER
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def _migrate_when_possible(audit) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models and the database are opened in its lifespan."""
     settings = settings or get_settings()
+    hold_third_party()  # no UIDs or patient data from libraries' log lines
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -46,6 +46,7 @@ from service.hospital.ledger import FAILED, SCORED, SKIPPED, Entry, Ledger, inst
 from service.hospital.pacs import InstanceGone, InstanceRef, Pacs, PacsError, PacsUnavailable
 from service.inference import pipeline as inference
 from service.inference.models import LoadedModel, ModelManager
+from service.logs import hold_third_party
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Gateway:
 
     def __init__(self, pacs: Pacs, models: ModelManager, ledger: Ledger, settings: Settings):
         self.pacs, self.models, self.ledger, self.settings = pacs, models, ledger, settings
+        hold_third_party()  # dicomweb-client and highdicom log UIDs otherwise
         source = pacs.orthanc_url or str(pacs.client.base_url)
         self.source = f"{'orthanc' if pacs.orthanc_url else 'qido'}:{_digest(source)}"
 
