@@ -29,6 +29,7 @@ from service.errors import (
     unexpected_error_handler,
     validation_error_handler,
 )
+from service.inference.admission import PixelBudget, return_big_buffers
 from service.inference.models import ModelManager
 from service.logs import hold_third_party
 from service.schemas import DISCLAIMER
@@ -88,6 +89,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.keys = KeyStore(audit.db)
         app.state.outcomes = OutcomeStore(audit.db)
         app.state.metrics, app.state.models = metrics, manager
+        # Memory that cannot run away: a budget of pixels in flight, and freed frames
+        # given back (service/inference/admission.py).
+        app.state.pixel_budget = PixelBudget(
+            settings.decode_pixel_budget, settings.admission_timeout_s
+        )
+        return_big_buffers()
         app.state.key_cache = {}
         try:
             yield
