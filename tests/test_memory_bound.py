@@ -112,3 +112,16 @@ def test_heatmaps_of_big_images_are_rendered_at_a_bounded_size(served_module):
     assert abs(heatmap["width"] - heatmap["height"]) <= 1  # the square's aspect ratio kept
     shown = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
     assert shown.size == (heatmap["width"], heatmap["height"])
+
+
+def test_a_budget_under_the_image_limit_is_refused_at_start():
+    from service.config import Settings, SettingsError, get_settings
+
+    with pytest.raises(ValueError, match="could never be decoded"):
+        Settings(max_image_pixels=1000, decode_pixel_budget=999)
+    get_settings.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("THYROID_CAD_DECODE_PIXEL_BUDGET", "10")
+        with pytest.raises(SettingsError, match="THYROID_CAD_DECODE_PIXEL_BUDGET=10"):
+            get_settings()
+    get_settings.cache_clear()
