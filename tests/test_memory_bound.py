@@ -125,3 +125,36 @@ def test_a_budget_under_the_image_limit_is_refused_at_start():
         with pytest.raises(SettingsError, match="THYROID_CAD_DECODE_PIXEL_BUDGET=10"):
             get_settings()
     get_settings.cache_clear()
+
+
+def _deflated(ds) -> bytes:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return factory.to_bytes(ds)
+
+
+def test_a_deflated_dicom_bomb_is_refused_before_it_is_inflated(served_module):
+    """pydicom inflates a deflated dataset whole: 600 KB of deflate became 400 MB."""
+    import zlib
+
+    from service.inference import decoding
+
+    good = _deflated(factory.ultrasound(factory.image()))
+    body = decoding._deflated_body(good)
+    assert body is not None
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = b"".join(squeeze.compress(bytes(1 << 20)) for _ in range(400)) + squeeze.flush()
+    bomb = good[: len(good) - len(body)] + zeros  # the same header, 400 MiB when inflated
+    assert len(bomb) < 1 << 20
+    with TestClient(create_app(served_module.settings)) as api:
+        auth = {"Authorization": f"Bearer {served_module.predict_key}"}
+        for data, status in ((good, 200), (bomb, 413)):
+            r = api.post(
+                "/v1/predict?heatmap=none",
+                files={"file": ("x.dcm", data, "application/dicom")},
+                headers=auth,
+            )
+            assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == "image_too_large"
+    assert "decompression bomb" in r.json()["error"]["message"]
