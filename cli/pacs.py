@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import threading
@@ -47,9 +46,6 @@ def pacs(
     from service.store.db import Database
     from thyroid_cad import settings as paths
 
-    # dicomweb-client logs each request with its study UID: our own lines name instances
-    # by their ledger key instead.
-    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     settings = get_settings()

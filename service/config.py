@@ -10,9 +10,17 @@ from pathlib import Path
 from typing import Literal
 
 import onnxruntime as ort
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.inference import heatmaps
 from service.inference.models import GRAPH_OPTIMIZATION, GraphOptimization, IoBinding, Runtime
 from thyroid_cad import settings as paths
 
@@ -52,7 +60,32 @@ class Settings(BaseSettings):
     public_health: bool = Field(True, description="Health and readiness routes need no key.")
     public_metrics: bool = Field(True, description="/metrics needs no key.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted upload.")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted width x height.")
+    # Memory (docs/api.md, "Limits"): ultrasound frames are 0.3-2 Mpx (640x480 to 1920x1080
+    # screen captures); 16 Mpx is twice a 4K capture, and a decoded image of that size
+    # costs ~50 MB (RGB) plus its decoding intermediates.
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="Largest accepted width x height (one frame), read from the header "
+        "before decoding: 16 Mpx, twice a 4K screen capture and 8-50x an ultrasound frame.",
+    )
+    decode_pixel_budget: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="Pixels being decoded, prepared and answered at once, all requests "
+        "together: one maximum-size image or ~16 ordinary 1 Mpx frames (each costs up to "
+        "~25 bytes/pixel in flight); beyond, a request waits admission_timeout_s, then 503 "
+        "busy with Retry-After. Bounds peak memory.",
+    )
+    admission_timeout_s: float = Field(
+        5.0, ge=0, description="How long a request waits for room in decode_pixel_budget."
+    )
+    max_heatmap_pixels: int = Field(
+        heatmaps.MAX_PIXELS,
+        ge=1,
+        description="Largest heatmap rendered (png, overlay): bigger images get theirs "
+        "scaled down to it (same aspect ratio); full HD and smaller frames keep their size.",
+    )
     # Batching and onnxruntime (service/inference/batching.py, docs/benchmarks.md for the defaults).
     max_batch_size: int | None = Field(
         None, ge=1, description="Frames per onnxruntime call; unset: 1 on CPU, 16 on GPU."
@@ -80,6 +113,16 @@ class Settings(BaseSettings):
         description="Images unlike the training data (docs/safety.md): flag (answer, with "
         "ood.in_distribution false) or refuse (422 out_of_distribution, no probabilities).",
     )
+
+    @model_validator(mode="after")
+    def _budget_holds_an_image(self) -> Settings:
+        if self.decode_pixel_budget < self.max_image_pixels:
+            raise ValueError(
+                f"THYROID_CAD_DECODE_PIXEL_BUDGET={self.decode_pixel_budget} is under "
+                f"THYROID_CAD_MAX_IMAGE_PIXELS={self.max_image_pixels}: the largest accepted "
+                "image could never be decoded"
+            )
+        return self
 
     @field_validator("providers")
     @classmethod

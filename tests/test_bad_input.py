@@ -311,7 +311,7 @@ BAD = {
     ),
     # 900 Mpx in 110 kB: refused from the header, before any pixel is decoded.
     "png-bomb-30000x30000": Bad(413, "image_too_large", upload(lambda: _png_bomb(30000))),
-    # 64 Mpx: under Pillow's own bomb limit, over THYROID_CAD_MAX_IMAGE_PIXELS (40 M).
+    # 64 Mpx: under Pillow's own bomb limit, over THYROID_CAD_MAX_IMAGE_PIXELS (16 M).
     "png-8000x8000-over-pixel-limit": Bad(413, "image_too_large", upload(lambda: _png_bomb(8000))),
     "jpeg-header-claims-60000x60000": Bad(
         413, "image_too_large", upload(lambda: _jpeg_claiming(60000, 60000), "x.jpg", "image/jpeg")

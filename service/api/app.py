@@ -29,8 +29,10 @@ from service.errors import (
     unexpected_error_handler,
     validation_error_handler,
 )
+from service.inference.admission import PixelBudget, return_big_buffers
 from service.inference.models import ModelManager
 from service.inference.stats import InferenceStats
+from service.logs import hold_third_party
 from service.schemas import DISCLAIMER
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def _migrate_when_possible(audit) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; models and the database are opened in its lifespan."""
     settings = settings or get_settings()
+    hold_third_party()  # no UIDs or patient data from libraries' log lines
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -92,6 +95,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.keys = KeyStore(audit.db)
         app.state.outcomes = OutcomeStore(audit.db)
         app.state.metrics, app.state.models, app.state.stats = metrics, manager, stats
+        # Memory that cannot run away: a budget of pixels in flight, and freed frames
+        # given back (service/inference/admission.py).
+        app.state.pixel_budget = PixelBudget(
+            settings.decode_pixel_budget, settings.admission_timeout_s
+        )
+        return_big_buffers()
         app.state.key_cache = {}
         try:
             yield

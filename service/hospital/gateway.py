@@ -46,6 +46,7 @@ from service.hospital.ledger import FAILED, SCORED, SKIPPED, Entry, Ledger, inst
 from service.hospital.pacs import InstanceGone, InstanceRef, Pacs, PacsError, PacsUnavailable
 from service.inference import pipeline as inference
 from service.inference.models import LoadedModel, ModelManager
+from service.logs import hold_third_party
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Gateway:
 
     def __init__(self, pacs: Pacs, models: ModelManager, ledger: Ledger, settings: Settings):
         self.pacs, self.models, self.ledger, self.settings = pacs, models, ledger, settings
+        hold_third_party()  # dicomweb-client and highdicom log UIDs otherwise
         source = pacs.orthanc_url or str(pacs.client.base_url)
         self.source = f"{'orthanc' if pacs.orthanc_url else 'qido'}:{_digest(source)}"
 
@@ -155,7 +157,9 @@ class Gateway:
             raise
         except PacsError as e:
             return failed(f"unreadable: {e}")
-        why = not_ultrasound(dataset)
+        # Absent or malformed patient and study attributes are no reason: the SR writes
+        # them empty (dicom_sr.conform); only a source an SR cannot reference is one.
+        why = not_ultrasound(dataset) or dicom_sr.unusable(dataset)
         if why:
             return skipped(why)
         try:
@@ -166,7 +170,7 @@ class Gateway:
             return failed(e.code)
         try:
             sr = self.write(dataset, scored, model, alias)
-        except ValueError as e:  # highdicom refused, or the source lacks its UIDs
+        except ValueError as e:  # highdicom refused the content
             return failed(f"sr_not_built: {type(e).__name__}")
         try:
             self.pacs.store(sr)

@@ -1,9 +1,16 @@
-"""Heatmaps for people: the model's map, back in the original image's pixels, as PNG."""
+"""Heatmaps for people: the model's map, back in the original image's pixels, as PNG.
+
+Rendered at most `max_pixels` large (THYROID_CAD_MAX_HEATMAP_PIXELS): an image over it
+gets its map at the largest size of the same aspect ratio under it (width and height say
+which), so a huge upload never makes a huge overlay; ultrasound frames are under it.
+"""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -11,6 +18,8 @@ from PIL import Image
 from service.inference.models import LoadedModel
 from service.schemas import HeatmapOut
 from thyroid_cad import imaging
+
+MAX_PIXELS = 1920 * 1080  # full HD: the most a screen shows of one heatmap
 
 
 def _colormap(values: np.ndarray) -> np.ndarray:
@@ -30,6 +39,23 @@ def _png(array: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def bounded(geometry: imaging.Geometry, max_pixels: int) -> imaging.Geometry:
+    """`geometry` scaled down to at most `max_pixels` (unchanged when it fits)."""
+    h, w = geometry.height, geometry.width
+    if h * w <= max_pixels:
+        return geometry
+    scale = math.sqrt(max_pixels / (h * w))
+    height, width = max(1, int(h * scale)), max(1, int(w * scale))
+    top, left, bottom, right = geometry.box
+
+    def at(value: int, full: int, new: int) -> int:
+        return min(new, round(value * new / full))
+
+    box = (at(top, h, height), at(left, w, width), at(bottom, h, height), at(right, w, width))
+    box = (box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1))
+    return dataclasses.replace(geometry, height=height, width=width, box=box)
+
+
 def render_heatmap(
     model: LoadedModel,
     heatmap: np.ndarray | None,
@@ -37,6 +63,7 @@ def render_heatmap(
     mode: str,
     rgb: np.ndarray,
     geometry: imaging.Geometry,
+    max_pixels: int = MAX_PIXELS,
 ) -> HeatmapOut | None:
     if mode == "none":
         return None
@@ -63,11 +90,14 @@ def render_heatmap(
             (geometry.size, geometry.size), Image.Resampling.BILINEAR
         )
     )
-    full = np.clip(imaging.to_original(square, geometry), 0, 1)
+    shown = bounded(geometry, max_pixels)
+    full = np.clip(imaging.to_original(square, shown), 0, 1)
     h, w = full.shape
     if mode == "png":
         data = _png((full * 255).round().astype(np.uint8))
     else:  # overlay: the map, coloured, blended where it is strong
+        if (h, w) != rgb.shape[:2]:
+            rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
         alpha = (0.55 * full)[..., None]
         data = _png((rgb * (1 - alpha) + _colormap(full) * alpha).round().astype(np.uint8))
     return HeatmapOut(

@@ -13,6 +13,7 @@ import numpy as np
 
 from service.errors import ApiError
 from service.inference import decoding, safety
+from service.inference.admission import Ticket
 from service.inference.models import LoadedModel
 from service.schemas import ModelOut, OodOut, PredictionOut, RoiOut, ShapeOut
 from thyroid_cad import imaging, nodule, tirads
@@ -115,14 +116,19 @@ def prepare(
     model: LoadedModel | None = None,
     roi: imaging.Box | None = None,
     frame: int | None = None,
+    ticket: Ticket | None = None,
 ) -> Prepared:
     """Decode (ApiError 4xx on bad bytes) and make the S x S model input.
 
     Pass the model: a ROI model's input is the square around the nodule box (`roi`, or
     its localiser's), with the margin of its card. `frame`: which frame of a multi-frame
-    DICOM (1-based; default the first).
+    DICOM (1-based; default the first). `ticket`: the request's share of the decoding
+    budget (service/inference/admission.py), taken before decoding (ApiError 503 `busy`
+    when there is no room) and given back by its holder.
     """
     t0 = time.perf_counter()
+    if ticket is not None:
+        ticket.take(decoding.pixels(data))
     decoded = decoding.decode(data, max_pixels, frame)
     t1 = time.perf_counter()
     located = locate(model, decoded, roi) if model is not None else None

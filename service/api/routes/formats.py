@@ -27,6 +27,8 @@ MEDIA_TYPES: dict[str, str] = {
     "fhir": fhir.FHIR_JSON,
 }
 _BY_MEDIA = {media: kind for kind, media in MEDIA_TYPES.items()}
+# What the SR's copy of the source's patient and study attributes changed (dicom_sr.conform).
+SOURCE_CHANGES = "X-Source-Header-Changes"
 # OpenAPI: the other bodies a 200 can have.
 RESPONSES = {
     200: {
@@ -96,13 +98,9 @@ def source_header(kind: str, data: bytes, prepared: Prepared) -> Dataset | None:
     import pydicom
 
     header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    missing = dicom_sr.missing_uids(header)
-    if kind == "dicom-sr" and missing:
-        raise ApiError(
-            400,
-            "dicom_sr_unavailable",
-            f"an SR must reference its source, and this DICOM lacks {', '.join(missing)}",
-        )
+    why = dicom_sr.unusable(header) if kind == "dicom-sr" else None
+    if why:
+        raise ApiError(400, "dicom_sr_unavailable", why)
     return header
 
 
@@ -119,6 +117,9 @@ def render(
     if kind == "dicom-sr":
         sr = dicom_sr.build(source, found)
         headers["Content-Disposition"] = f'attachment; filename="{request_id}.dcm"'
+        changes = dicom_sr.corrections(source)
+        if changes:  # also in the SR's comments; attribute names only, never values
+            headers[SOURCE_CHANGES] = "; ".join(changes)
         return Response(dicom_sr.to_bytes(sr), media_type=MEDIA_TYPES[kind], headers=headers)
     bundle = fhir.bundle(found, source, request_id)
     return JSONResponse(

@@ -34,17 +34,18 @@ def errors(*statuses: int) -> dict:
         415: "Not a PNG, JPEG, BMP, TIFF or DICOM file, or an undecodable DICOM.",
         422: "A parameter fails the schema; or out_of_distribution: the image is unlike the "
         "training data and THYROID_CAD_OOD_POLICY=refuse (no probabilities).",
-        503: "No model loaded, the queue is full (Retry-After), or a dependency is down.",
+        503: "No model loaded, the queue is full or too many pixels are being decoded "
+        "(busy; both with Retry-After), or a dependency is down.",
     }
     return {s: {"model": ErrorOut, "description": why[s]} | extra(s) for s in statuses}
 
 
 def extra(status: int) -> dict:
-    """What an error answer carries besides its body: Retry-After on 503 overloaded."""
+    """What an error answer carries besides its body: Retry-After on 503 overloaded/busy."""
     if status != 503:
         return {}
     retry = {
-        "description": "Seconds to wait (when the queue is full).",
+        "description": "Seconds to wait (when the queue or the decoding budget is full).",
         "schema": {"type": "integer"},
     }
     return {"headers": {"Retry-After": retry}}
@@ -124,7 +125,8 @@ def predict_upload(
     options: formats.Options = formats.JSON,
     roi: str | None = None,
 ) -> Response:
-    with Audited(request, route, key) as audited:
+    budget = request.app.state.pixel_budget  # held until the answer is built
+    with Audited(request, route, key) as audited, budget.held() as ticket:
         settings: Settings = request.app.state.settings
         model, via = request.app.state.models.get(alias=alias, version=version, name=name)
         audited.record.update(model_name=model.name, model_version=model.version)
@@ -137,7 +139,13 @@ def predict_upload(
         box = inference.parse_roi(roi)
         read_s = time.perf_counter() - t0
         prepared = inference.prepare(
-            data, model.input_size, settings.max_image_pixels, model, box, options.frame
+            data,
+            model.input_size,
+            settings.max_image_pixels,
+            model,
+            box,
+            options.frame,
+            ticket,
         )
         audited.record.update(
             content_type=prepared.content_type,
@@ -153,7 +161,13 @@ def predict_upload(
         index = names.index(class_name or prediction.label)
         mode = heatmap if options.format == "json" else "none"  # SR and FHIR carry none
         rendered = heatmaps.render_heatmap(
-            model, scored.heatmap, index, mode, prepared.rgb, prepared.geometry
+            model,
+            scored.heatmap,
+            index,
+            mode,
+            prepared.rgb,
+            prepared.geometry,
+            settings.max_heatmap_pixels,
         )
         timings = TimingsOut(
             decode_ms=(read_s + prepared.decode_s) * 1e3,

@@ -1,0 +1,160 @@
+"""Memory that cannot run away (issue 17, item 1).
+
+A 6000 x 6000 grey PNG is a 35 KB upload; before, one `heatmap=overlay` of it took the
+server from 568 MB to 4.5 GB, and eight at once got it killed. Now an image is refused
+over THYROID_CAD_MAX_IMAGE_PIXELS (16 Mpx) from its header, at most
+THYROID_CAD_DECODE_PIXEL_BUDGET pixels (one maximum-size image) are in flight at once,
+freed frames go back to the system (admission.return_big_buffers), and heatmaps are
+rendered at most full-HD large.
+
+The bound, against a real `thyroid-cad serve` process (benchmarks/memory.py's burst):
+12 concurrent maximum-size uploads in six forms keep the server's peak RSS (VmHWM)
+within BOUND_MB of its RSS after warm-up. Why 800 MB: one image in flight at a time
+costs up to ~400 MB (measured per form: the content box ~250 MB at 16 Mpx, pydicom's
+YBR-to-RGB conversion of a JPEG DICOM ~385 MB), plus the uploads held by the requests
+waiting for the budget (here ~60 MB), plus allocator and thread slack; measured ~470 MB
+on the CI machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+from pathlib import Path
+
+import dicom_factory as factory
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.api.app import create_app
+from service.inference.admission import PixelBudget
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import harness  # noqa: E402
+import memory  # noqa: E402
+
+SIDE = 4096  # THYROID_CAD_MAX_IMAGE_PIXELS = SIDE * SIDE by default
+PER_FORM = 2  # 12 maximum-size uploads at once
+BOUND_MB = 800
+
+
+@pytest.fixture(scope="module")
+def server(served_module, session_home, tmp_path_factory):
+    work = tmp_path_factory.mktemp("memory")
+    env = {
+        # Long enough that every upload is admitted in turn: the budget, not refusals,
+        # is what keeps the memory down here (refusals are the test below).
+        "THYROID_CAD_ADMISSION_TIMEOUT_S": "600",
+        "DATABASE_URL": f"sqlite:///{work / 'requests.db'}",
+    }
+    srv = harness.service_server(session_home, served_module.settings.model, work, env=env)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_concurrent_maximum_size_uploads_keep_the_peak_rss_bounded(server):
+    uploads = memory.max_size_uploads(SIDE)
+    assert set(uploads) == set(memory.FORMATS)
+    small = io.BytesIO()
+    Image.fromarray(factory.image()).save(small, "PNG")
+    assert memory.post(server.url, server.headers, small.getvalue(), "?heatmap=overlay") == 200
+    result = memory.burst(server, uploads, PER_FORM, "?heatmap=overlay")
+    print(result)  # noqa: T201 - the measured figure, for the log
+    assert result["statuses"] == {form: [200] * PER_FORM for form in memory.FORMATS}
+    assert result["above_mb"] < BOUND_MB, result
+
+
+def test_over_the_pixel_limit_is_a_413_from_the_header(server):
+    big = io.BytesIO()
+    Image.new("L", (SIDE + 1, SIDE), 0).save(big, "PNG")  # ~60 KB, 16.8 Mpx
+    assert memory.post(server.url, server.headers, big.getvalue(), "?heatmap=overlay") == 413
+
+
+def test_no_room_in_the_budget_is_a_503_with_retry_after(served_module):
+    settings = served_module.settings.model_copy(update={"admission_timeout_s": 0.05})
+    data = factory.png(factory.image())
+    with TestClient(create_app(settings)) as api:
+        budget: PixelBudget = api.app.state.pixel_budget
+        with budget.admit(budget.capacity):  # another request is decoding a huge image
+            r = api.post(
+                "/v1/predict",
+                files={"file": ("x.png", data, "image/png")},
+                headers={"Authorization": f"Bearer {served_module.predict_key}"},
+            )
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "busy"
+        assert int(r.headers["retry-after"]) >= 1
+        assert budget.in_use == 0
+        r = api.post(
+            "/v1/predict",
+            files={"file": ("x.png", data, "image/png")},
+            headers={"Authorization": f"Bearer {served_module.predict_key}"},
+        )
+        assert r.status_code == 200, r.text
+
+
+def test_heatmaps_of_big_images_are_rendered_at_a_bounded_size(served_module):
+    settings = served_module.settings.model_copy(update={"max_heatmap_pixels": 64 * 48})
+    with TestClient(create_app(settings)) as api:
+        r = api.post(
+            "/v1/predict?heatmap=overlay",
+            files={"file": ("x.png", factory.png(factory.image(size=160)), "image/png")},
+            headers={"Authorization": f"Bearer {served_module.predict_key}"},
+        )
+    assert r.status_code == 200, r.text
+    heatmap = r.json()["heatmap"]
+    assert heatmap["width"] * heatmap["height"] <= 64 * 48
+    assert abs(heatmap["width"] - heatmap["height"]) <= 1  # the square's aspect ratio kept
+    shown = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
+    assert shown.size == (heatmap["width"], heatmap["height"])
+
+
+def test_a_budget_under_the_image_limit_is_refused_at_start():
+    from service.config import Settings, SettingsError, get_settings
+
+    with pytest.raises(ValueError, match="could never be decoded"):
+        Settings(max_image_pixels=1000, decode_pixel_budget=999)
+    get_settings.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("THYROID_CAD_DECODE_PIXEL_BUDGET", "10")
+        with pytest.raises(SettingsError, match="THYROID_CAD_DECODE_PIXEL_BUDGET=10"):
+            get_settings()
+    get_settings.cache_clear()
+
+
+def _deflated(ds) -> bytes:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return factory.to_bytes(ds)
+
+
+def test_a_deflated_dicom_bomb_is_refused_before_it_is_inflated(served_module):
+    """pydicom inflates a deflated dataset whole: 600 KB of deflate became 400 MB."""
+    import zlib
+
+    from service.inference import decoding
+
+    good = _deflated(factory.ultrasound(factory.image()))
+    body = decoding._deflated_body(good)
+    assert body is not None
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = b"".join(squeeze.compress(bytes(1 << 20)) for _ in range(400)) + squeeze.flush()
+    bomb = good[: len(good) - len(body)] + zeros  # the same header, 400 MiB when inflated
+    assert len(bomb) < 1 << 20
+    with TestClient(create_app(served_module.settings)) as api:
+        auth = {"Authorization": f"Bearer {served_module.predict_key}"}
+        for data, status in ((good, 200), (bomb, 413)):
+            r = api.post(
+                "/v1/predict?heatmap=none",
+                files={"file": ("x.dcm", data, "application/dicom")},
+                headers=auth,
+            )
+            assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == "image_too_large"
+    assert "decompression bomb" in r.json()["error"]["message"]
