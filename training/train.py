@@ -232,6 +232,23 @@ def _source_evaluation(infos, src, idx, y, probs, positive: int, seed: int) -> d
     return metrics
 
 
+def _case_evaluation(dataset: Dataset, idx, y, probs, threshold: float, seed: int) -> dict:
+    """val_case_* / test_case_* (evaluate.case_level) where the data has case ids
+    (DDTI cases hold several frames of one nodule); {} otherwise."""
+    metrics: dict[str, float] = {}
+    for s in ("val", "test"):
+        cases = [dataset.records[i].case_id for i in idx[s]]
+        if not any(cases):
+            continue
+        names = dataset.class_names
+        positive = POSITIVE_CLASS if POSITIVE_CLASS in names else names[-1]
+        at_case = evaluate.case_level(y[s], probs[s], cases, names, threshold, positive, seed)
+        metrics.update({f"{s}_case_{m}": v for m, v in at_case.items()})
+    if metrics:
+        mlflow.set_tag("case_aggregation", evaluate.CASE_AGGREGATION)
+    return metrics
+
+
 def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None = None) -> str:
     """Run one training job and return its MLflow run id.
 
@@ -421,6 +438,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             **{f"val_{m}": v for m, v in val.items()},
             **{f"test_{m}": v for m, v in test.items()},
         }
+        metrics.update(_case_evaluation(dataset, idx, y, probs, val["threshold"], cfg.seed))
 
         # Results per source, and how far the source and image size alone get.
         metrics.update(_source_evaluation(infos, src, idx, y, probs, positive, cfg.seed))

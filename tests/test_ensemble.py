@@ -1,0 +1,133 @@
+"""Robust inference in one graph: test-time augmentation and ensembles (training.ensemble)."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from registry import gate, store
+from thyroid_cad import settings
+from training import ensemble, export, models
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run_model(run_id):
+    import mlflow
+
+    return models.load(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="model/model.keras", tracking_uri=settings.tracking_uri()
+        )
+    )
+
+
+def _images(n: int = 4, size: int = 64) -> np.ndarray:
+    from tests.test_export import _phantom_batch
+
+    return _phantom_batch(n, size)
+
+
+def test_views_move_the_image_as_documented():
+    x = np.random.default_rng(0).uniform(0, 255, (2, 40, 40, 3)).astype("float32")
+    d = round(ensemble.SHIFT * 40)
+    view = {v: np.asarray(ensemble.View(v)(x)) for v in ensemble.VIEWS["full"]}
+    np.testing.assert_array_equal(view["identity"], x)
+    np.testing.assert_array_equal(view["flip"], x[:, :, ::-1])
+    np.testing.assert_array_equal(view["shift_right"][:, :, d:], x[:, :, :-d])
+    assert not view["shift_right"][:, :, :d].any()  # the strip left behind is black
+    np.testing.assert_array_equal(view["shift_up"][:, :-d], x[:, d:])
+    assert all(v.shape == x.shape for v in view.values())
+    assert not view["zoom_out"][:, :1].any() and view["zoom_out"][:, 20].any()
+    with pytest.raises(ValueError, match="unknown view"):
+        ensemble.View("vertical_flip")
+
+
+@pytest.fixture(scope="module")
+def flips_export(home, tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tta") / "flips"
+    card = ensemble.export_combined([tiny_run], out, tta="flips")
+    return out, card
+
+
+def test_flip_tta_is_the_mean_of_both_views_in_one_graph(home, tiny_run, flips_export):
+    out, card = flips_export
+    assert card["parity"]["passed"], card["parity"]
+    assert card["ensemble"]["views"] == ["identity", "flip"]
+    assert [m["run_id"] for m in card["ensemble"]["members"]] == [tiny_run]
+    images = _images()
+    sess = _session(out / "model.onnx")
+    assert sorted(o.name for o in sess.get_outputs()) == ["heatmap", "ood_score", "probabilities"]
+    probs, heat = sess.run(["probabilities", "heatmap"], {"image": images})
+    # An independent reference: the plain Keras model on numpy-flipped images.
+    net = models.with_heatmaps(_run_model(tiny_run))
+    plain, flipped = net(images.astype("float32")), net(images[:, :, ::-1].astype("float32"))
+    expected = (np.asarray(plain["probabilities"]) + np.asarray(flipped["probabilities"])) / 2
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+    h, w = heat.shape[1:3]
+    maps = np.maximum(np.asarray(plain["cam"]), 0) + np.maximum(np.asarray(flipped["cam"]), 0)[:, :, ::-1]
+    np.testing.assert_allclose(heat, maps / 2 / (h * w), rtol=1e-3, atol=1e-5)
+
+
+def test_a_tta_export_registers_with_its_own_measured_numbers(home, flips_export, tiny_run):
+    out, card = flips_export
+    # measured again on the split: threshold on validation, metrics on test, case level too
+    assert 0 < card["threshold"] < 1 and card["source_run_id"] != tiny_run
+    assert card["metrics"]["test"]["auc_ci_low"] <= card["metrics"]["test"]["auc"]
+    assert card["source_robustness"]["shortcut_floor"]["auc"] == 0.5
+    assert card["ood"]["threshold"] > 0 and "members" in card["ood"]
+    assert "not for diagnostic use" in card["disclaimer"]
+    import mlflow
+
+    run = mlflow.get_run(card["source_run_id"])
+    assert run.data.params["tta"] == "flips" and run.data.params["members"] == tiny_run
+    assert "test_case_auc" in run.data.metrics and run.data.metrics["test_case_n_cases"] > 0
+    name = f"tta-{card['sha256'][:8]}"
+    version = store.register(out, name)
+    tag = store.client().get_model_version(name, version).tags[gate.TAG]
+    assert json.loads(tag)["pooled_test_auc"] == card["metrics"]["test"]["auc"]
+
+
+def test_full_tta_with_shifts_and_zooms_keeps_parity(home, tiny_run, tmp_path):
+    card = ensemble.export_combined([tiny_run], tmp_path, tta="full")
+    assert card["parity"]["passed"], card["parity"]
+    assert len(card["ensemble"]["views"]) == 8
+
+
+@pytest.fixture(scope="module")
+def second_run(phantom_root, home):
+    """Another tiny run on the same split (same seed), trained less."""
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=str(phantom_root), epochs=3, image_size=64, batch_size=16, experiment="tests"
+    )
+    return train(cfg)
+
+
+def test_an_ensemble_of_two_runs_is_one_graph_listing_its_members(
+    home, tiny_run, second_run, tmp_path
+):
+    card = ensemble.export_combined([tiny_run, second_run], tmp_path, weights=[3, 1])
+    assert card["parity"]["passed"], card["parity"]
+    members = card["ensemble"]["members"]
+    assert [m["run_id"] for m in members] == [tiny_run, second_run]
+    assert [m["weight"] for m in members] == [0.75, 0.25]
+    images = _images()
+    probs, heat = _session(tmp_path / "model.onnx").run(["probabilities", "heatmap"], {"image": images})
+    each = [np.asarray(models.with_heatmaps(_run_model(r))(images.astype("float32"))["probabilities"]) for r in (tiny_run, second_run)]
+    np.testing.assert_allclose(probs, 0.75 * each[0] + 0.25 * each[1], atol=1e-4)
+    assert heat.max() <= 1.0 + 1e-5  # normalised maps, averaged
+    assert store.read_export(tmp_path)[1]["sha256"] == card["sha256"]
+
+
+def test_members_of_different_splits_or_no_folds_are_refused(home, tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="no leave-one-source-out folds"):
+        ensemble.export_combined([tiny_run], tmp_path, ensemble="folds")
+    with pytest.raises(ValueError, match="unknown TTA mode"):
+        ensemble.export_combined([tiny_run], tmp_path, tta="rotate")
+    with pytest.raises(ValueError, match="member weights"):
+        ensemble.export_combined([tiny_run, tiny_run], tmp_path, weights=[1])
