@@ -8,7 +8,7 @@ import pytest
 
 from registry import gate, store
 from thyroid_cad import settings
-from training import ensemble, export, models
+from training import ensemble, models
 
 
 def _session(path) -> ort.InferenceSession:
@@ -26,9 +26,22 @@ def _run_model(run_id):
 
 
 def _images(n: int = 4, size: int = 64) -> np.ndarray:
-    from tests.test_export import _phantom_batch
+    from thyroid_cad import imaging
+    from training import phantom
 
-    return _phantom_batch(n, size)
+    rng = np.random.default_rng(3)
+    labels = [phantom.CLASS_NAMES_2[i % 2] for i in range(n)]
+    return np.stack([imaging.prepare(phantom.make_image(lab, rng), size) for lab in labels])
+
+
+@pytest.fixture(scope="module")
+def store_env(session_home, tiny_run):
+    """The session's MLflow store for the whole module (its exports are shared)."""
+    from conftest import _isolate
+
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, session_home)
+        yield session_home
 
 
 def test_views_move_the_image_as_documented():
@@ -47,13 +60,13 @@ def test_views_move_the_image_as_documented():
 
 
 @pytest.fixture(scope="module")
-def flips_export(home, tiny_run, tmp_path_factory):
+def flips_export(store_env, tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("tta") / "flips"
     card = ensemble.export_combined([tiny_run], out, tta="flips")
     return out, card
 
 
-def test_flip_tta_is_the_mean_of_both_views_in_one_graph(home, tiny_run, flips_export):
+def test_flip_tta_is_the_mean_of_both_views_in_one_graph(store_env, tiny_run, flips_export):
     out, card = flips_export
     assert card["parity"]["passed"], card["parity"]
     assert card["ensemble"]["views"] == ["identity", "flip"]
@@ -68,11 +81,14 @@ def test_flip_tta_is_the_mean_of_both_views_in_one_graph(home, tiny_run, flips_e
     expected = (np.asarray(plain["probabilities"]) + np.asarray(flipped["probabilities"])) / 2
     np.testing.assert_allclose(probs, expected, atol=1e-4)
     h, w = heat.shape[1:3]
-    maps = np.maximum(np.asarray(plain["cam"]), 0) + np.maximum(np.asarray(flipped["cam"]), 0)[:, :, ::-1]
+    maps = (
+        np.maximum(np.asarray(plain["cam"]), 0)
+        + np.maximum(np.asarray(flipped["cam"]), 0)[:, :, ::-1]
+    )
     np.testing.assert_allclose(heat, maps / 2 / (h * w), rtol=1e-3, atol=1e-5)
 
 
-def test_a_tta_export_registers_with_its_own_measured_numbers(home, flips_export, tiny_run):
+def test_a_tta_export_registers_with_its_own_measured_numbers(store_env, flips_export, tiny_run):
     out, card = flips_export
     # measured again on the split: threshold on validation, metrics on test, case level too
     assert 0 < card["threshold"] < 1 and card["source_run_id"] != tiny_run
@@ -91,14 +107,14 @@ def test_a_tta_export_registers_with_its_own_measured_numbers(home, flips_export
     assert json.loads(tag)["pooled_test_auc"] == card["metrics"]["test"]["auc"]
 
 
-def test_full_tta_with_shifts_and_zooms_keeps_parity(home, tiny_run, tmp_path):
+def test_full_tta_with_shifts_and_zooms_keeps_parity(store_env, tiny_run, tmp_path):
     card = ensemble.export_combined([tiny_run], tmp_path, tta="full")
     assert card["parity"]["passed"], card["parity"]
     assert len(card["ensemble"]["views"]) == 8
 
 
 @pytest.fixture(scope="module")
-def second_run(phantom_root, home):
+def second_run(phantom_root, store_env):
     """Another tiny run on the same split (same seed), trained less."""
     from training.train import TrainConfig, train
 
@@ -117,14 +133,19 @@ def test_an_ensemble_of_two_runs_is_one_graph_listing_its_members(
     assert [m["run_id"] for m in members] == [tiny_run, second_run]
     assert [m["weight"] for m in members] == [0.75, 0.25]
     images = _images()
-    probs, heat = _session(tmp_path / "model.onnx").run(["probabilities", "heatmap"], {"image": images})
-    each = [np.asarray(models.with_heatmaps(_run_model(r))(images.astype("float32"))["probabilities"]) for r in (tiny_run, second_run)]
+    probs, heat = _session(tmp_path / "model.onnx").run(
+        ["probabilities", "heatmap"], {"image": images}
+    )
+    each = [
+        np.asarray(models.with_heatmaps(_run_model(r))(images.astype("float32"))["probabilities"])
+        for r in (tiny_run, second_run)
+    ]
     np.testing.assert_allclose(probs, 0.75 * each[0] + 0.25 * each[1], atol=1e-4)
     assert heat.max() <= 1.0 + 1e-5  # normalised maps, averaged
     assert store.read_export(tmp_path)[1]["sha256"] == card["sha256"]
 
 
-def test_members_of_different_splits_or_no_folds_are_refused(home, tiny_run, tmp_path):
+def test_members_of_different_splits_or_no_folds_are_refused(store_env, tiny_run, tmp_path):
     with pytest.raises(ValueError, match="no leave-one-source-out folds"):
         ensemble.export_combined([tiny_run], tmp_path, ensemble="folds")
     with pytest.raises(ValueError, match="unknown TTA mode"):

@@ -430,8 +430,14 @@ def export_combined(
         run_ids = fold_runs(run_ids[0])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the members' split files live here
         members = [load_member(r, f"{tmp}/{i}") for i, r in enumerate(run_ids)]
+        return _export_members(members, out_dir, tta, weights, ensemble)
+
+
+def _export_members(
+    members: list[Member], out_dir: Path, tta: str, weights: list[float] | None, ensemble
+) -> dict:
     _check_compatible(members)
     mix = _normalised(weights, len(members))
     first = members[0]
