@@ -227,21 +227,60 @@ def sweep(
     typer.echo(parent_id)
 
 
+class Tta(StrEnum):
+    none = "none"
+    flips = "flips"
+    full = "full"
+
+
 @app.command()
 def export(
-    run_id: Annotated[str, typer.Argument(help="Training run (or progressive / sweep parent).")],
+    run_ids: Annotated[
+        list[str],
+        typer.Argument(
+            help="Training run (or progressive / sweep parent); several: one ensemble graph."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Folder for model.onnx and model_card.json.")] = Path(
         "export"
     ),
+    tta: Annotated[
+        Tta,
+        typer.Option(
+            help="Test-time augmentation in the graph: none; flips (left-right); full (flips, "
+            "shifts and zooms). Probabilities averaged over the views (docs/models.md)."
+        ),
+    ] = Tta.none,
+    ensemble: Annotated[
+        str | None,
+        typer.Option(
+            help="'folds': export the leave-one-source-out fold models of RUN_ID (trained "
+            "with --loso) as one ensemble graph."
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Ensemble member weights, comma-separated (default: equal)."),
+    ] = None,
 ):
-    """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card."""
+    """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card;
+    with --tta, several runs or --ensemble folds: one graph averaging views and members."""
     start_tensorflow()
     from training import export as exporter
     from training import tracking
 
     with user_errors(), contextlib.redirect_stdout(sys.stderr):
         tracking.setup_uri()
-        card = exporter.export_run(run_id, out)
+        if tta == Tta.none and len(run_ids) == 1 and ensemble is None and weights is None:
+            card = exporter.export_run(run_ids[0], out)
+        else:
+            from training import ensemble as combined
+
+            try:
+                mix = [float(w) for w in weights.split(",")] if weights else None
+            except ValueError as e:
+                raise ValueError(f"--weights must be comma-separated numbers: {e}") from e
+            card = combined.export_combined(run_ids, out, tta.value, mix, ensemble)
     parity = card["parity"]
     log.info("parity %s: %s", "passed" if parity["passed"] else "FAILED", json.dumps(parity))
     typer.echo(str(out / "model.onnx"))
