@@ -37,7 +37,7 @@ def test_one_file_answers_exactly_as_before(api):
         "request_id", "model", "prediction", "heatmap", "roi", "shape", "ood", "timings",
         "disclaimer",
     }  # fmt: skip
-    assert body["heatmap"]["png_base64"]
+    assert body["heatmap"]["data"]
 
 
 def test_repeated_files_answer_per_frame_and_for_the_nodule(api):
@@ -49,7 +49,7 @@ def test_repeated_files_answer_per_frame_and_for_the_nodule(api):
     assert [f["file"] for f in body["frames"]] == [0, 1, 2]
     for frame, single in zip(body["frames"], singles, strict=True):
         assert frame["prediction"] == single  # each frame as if sent alone
-        assert frame["heatmap"]["png_base64"] and frame["frame"] is None
+        assert frame["heatmap"]["data"] and frame["frame"] is None
     nodule = body["nodule"]
     probs = np.array([[s["probabilities"][k] for k in ("benign", "malignant")] for s in singles])
     expected = probs.mean(axis=0)
