@@ -105,6 +105,9 @@ def test_a_tta_export_registers_with_its_own_measured_numbers(store_env, flips_e
     version = store.register(out, name)
     tag = store.client().get_model_version(name, version).tags[gate.TAG]
     assert json.loads(tag)["pooled_test_auc"] == card["metrics"]["test"]["auc"]
+    assert gate.problems(tag) == []  # the phantom is easy: the gate passes it unforced
+    store.promote(version, "champion", name)
+    assert store.resolve(f"{name}@champion").card["sha256"] == card["sha256"]
 
 
 def test_full_tta_with_shifts_and_zooms_keeps_parity(store_env, tiny_run, tmp_path):
@@ -152,3 +155,34 @@ def test_members_of_different_splits_or_no_folds_are_refused(store_env, tiny_run
         ensemble.export_combined([tiny_run], tmp_path, tta="rotate")
     with pytest.raises(ValueError, match="member weights"):
         ensemble.export_combined([tiny_run, tiny_run], tmp_path, weights=[1])
+
+
+def test_the_fold_models_of_a_run_export_as_one_ensemble(store_env, tiny_run, second_run, tmp_path):
+    """--ensemble folds reads the run's loso_run_<source> tags (a phantom has one source
+    and no real folds, so a stand-in run carries the tags of two trained runs)."""
+    import mlflow
+
+    mlflow.set_experiment("tests")
+    with mlflow.start_run(run_name="loso-stand-in") as run:
+        mlflow.set_tags({"loso_run_a": tiny_run, "loso_run_b": second_run})
+    assert ensemble.fold_runs(run.info.run_id) == [tiny_run, second_run]
+    card = ensemble.export_combined([run.info.run_id], tmp_path, tta="flips", ensemble="folds")
+    assert card["parity"]["passed"], card["parity"]
+    assert [m["run_id"] for m in card["ensemble"]["members"]] == [tiny_run, second_run]
+    assert mlflow.get_run(card["source_run_id"]).data.params["ensemble"] == "folds"
+
+
+def test_export_cli_refuses_bad_choices_with_a_message(store_env, tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    out = ["--out", str(tmp_path)]
+    r = runner.invoke(app, ["export", tiny_run, "--ensemble", "folds", *out])
+    assert r.exit_code != 0 and "no leave-one-source-out folds" in r.output
+    r = runner.invoke(app, ["export", tiny_run, tiny_run, "--weights", "1,x", *out])
+    assert r.exit_code != 0 and "--weights must be comma-separated numbers" in r.output
+    r = runner.invoke(app, ["export", tiny_run, "--tta", "rotate", *out])
+    assert r.exit_code == 2 and "rotate" in r.output
+    assert "Traceback" not in r.output
