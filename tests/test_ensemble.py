@@ -101,6 +101,7 @@ def test_a_tta_export_registers_with_its_own_measured_numbers(store_env, flips_e
     run = mlflow.get_run(card["source_run_id"])
     assert run.data.params["tta"] == "flips" and run.data.params["members"] == tiny_run
     assert "test_case_auc" in run.data.metrics and run.data.metrics["test_case_n_cases"] > 0
+    assert card["metrics"]["test_case"]["n_cases"] == run.data.metrics["test_case_n_cases"]
     name = f"tta-{card['sha256'][:8]}"
     version = store.register(out, name)
     tag = store.client().get_model_version(name, version).tags[gate.TAG]

@@ -429,10 +429,13 @@ def _metrics_with_cis(metrics: dict[str, float]) -> dict:
         "ece",
         "brier",
     )
-    return {
-        split: {k: metrics[f"{split}_{k}"] for k in keys if f"{split}_{k}" in metrics}
-        for split in ("val", "test")
+    # val_case / test_case: the same per case (training.evaluate.case_level), where the
+    # data has case ids
+    splits = {
+        split: {k: metrics[f"{split}_{k}"] for k in (*keys, "n_cases") if f"{split}_{k}" in metrics}
+        for split in ("val", "test", "val_case", "test_case")
     }
+    return {split: m for split, m in splits.items() if m or split in ("val", "test")}
 
 
 def model_run(run_id: str) -> str:
