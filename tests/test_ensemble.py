@@ -3,12 +3,13 @@
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from registry import gate, store
 from thyroid_cad import settings
-from training import ensemble, models
+from training import ensemble, export, models
 
 
 def _session(path) -> ort.InferenceSession:
@@ -187,3 +188,20 @@ def test_export_cli_refuses_bad_choices_with_a_message(store_env, tiny_run, tmp_
     r = runner.invoke(app, ["export", tiny_run, "--tta", "rotate", *out])
     assert r.exit_code == 2 and "rotate" in r.output
     assert "Traceback" not in r.output
+
+
+def test_members_of_different_backbones_share_one_heatmap_grid(tmp_path):
+    """Untrained members (no MLflow needed): tiny (8 x 8 maps at 64 px) and VGG16 (2 x 2),
+    whose maps are normalised and resized onto the first member's grid in the graph."""
+    info = {"image_size": 64, "class_names": ["benign", "malignant"]}
+    members = [
+        ensemble.Member(b, models.build_model(b, 2, 64), info, {}, "") for b in ("tiny", "vgg16")
+    ]
+    wrapper = ensemble.serving_model(members, [0.5, 0.5], "flips")
+    path = tmp_path / "model.onnx"
+    onnx.save_model(export._convert(wrapper, 64), path)
+    images = _images()
+    parity = ensemble._parity(_session(path), wrapper, images, 64)
+    assert parity["passed"], parity
+    (heat,) = _session(path).run(["heatmap"], {"image": images})
+    assert heat.shape == (4, 8, 8, 2) and 0 <= heat.min() and heat.max() <= 1 + 1e-5
