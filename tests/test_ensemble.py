@@ -120,11 +120,17 @@ def test_full_tta_with_shifts_and_zooms_keeps_parity(store_env, tiny_run, tmp_pa
 
 @pytest.fixture(scope="module")
 def second_run(phantom_root, store_env):
-    """Another tiny run on the same split (same seed), trained less."""
+    """Another tiny run on the same split (same seed), trained less, evaluated with
+    flip TTA (--tta flips)."""
     from training.train import TrainConfig, train
 
     cfg = TrainConfig(
-        data=str(phantom_root), epochs=3, image_size=64, batch_size=16, experiment="tests"
+        data=str(phantom_root),
+        epochs=3,
+        image_size=64,
+        batch_size=16,
+        experiment="tests",
+        tta="flips",
     )
     return train(cfg)
 
@@ -157,6 +163,12 @@ def test_members_of_different_splits_or_no_folds_are_refused(store_env, tiny_run
         ensemble.export_combined([tiny_run], tmp_path, tta="rotate")
     with pytest.raises(ValueError, match="member weights"):
         ensemble.export_combined([tiny_run, tiny_run], tmp_path, weights=[1])
+    from training.train import TrainConfig
+
+    with pytest.raises(ValueError, match="unknown TTA mode"):
+        TrainConfig(data=str(tmp_path), tta="rotate").validate()
+    with pytest.raises(ValueError, match="whole-frame"):
+        TrainConfig(data=str(tmp_path), tta="flips", roi="annotations").validate()
 
 
 def test_the_fold_models_of_a_run_export_as_one_ensemble(store_env, tiny_run, second_run, tmp_path):
@@ -205,3 +217,16 @@ def test_members_of_different_backbones_share_one_heatmap_grid(tmp_path):
     assert parity["passed"], parity
     (heat,) = _session(path).run(["heatmap"], {"image": images})
     assert heat.shape == (4, 8, 8, 2) and 0 <= heat.min() and heat.max() <= 1 + 1e-5
+
+
+def test_a_run_trained_with_tta_exports_the_same_views(store_env, second_run, tmp_path):
+    """train --tta flips evaluates as the graph answers; export then builds those views
+    in by default, and the graph's own test AUC is the run's."""
+    import mlflow
+
+    run = mlflow.get_run(second_run)
+    assert run.data.params["tta"] == "flips"
+    card = ensemble.export_runs([second_run], tmp_path)
+    assert card["ensemble"]["tta"] == "flips" and card["parity"]["passed"]
+    assert card["metrics"]["test"]["auc"] == pytest.approx(run.data.metrics["test_auc"], abs=1e-3)
+    assert card["threshold"] == pytest.approx(run.data.metrics["val_threshold"], abs=1e-3)

@@ -229,6 +229,23 @@ def serving_model(members: list[Member], weights: list[float], tta: str) -> kera
     return keras.Model(image, outputs, name="serving_robust")
 
 
+def predict_views(model: keras.Model, images: np.ndarray, tta: str, batch: int = 32):
+    """The mean over VIEWS[tta] of a Keras model's probabilities on uint8 images: what
+    the exported graph of one member computes (training's `--tta` evaluates with it)."""
+    net = models.with_heatmaps(model)
+    total = None
+    for v in VIEWS[tta]:
+        view = View(v)
+        probs = np.concatenate(
+            [
+                np.asarray(net(view(images[i : i + batch].astype("float32")))["probabilities"])
+                for i in range(0, len(images), batch)
+            ]
+        )
+        total = probs if total is None else total + probs
+    return total / len(VIEWS[tta])
+
+
 # --------------------------------------------------------------------------- members
 
 
@@ -406,6 +423,32 @@ def _evaluate(session, first: Member) -> tuple[dict, float, np.ndarray | None]:
 
 
 # --------------------------------------------------------------------------- export
+
+
+def export_runs(
+    run_ids: list[str],
+    out_dir: Path,
+    tta: str | None = None,
+    weights: list[float] | None = None,
+    ensemble: str | None = None,
+) -> dict:
+    """What `thyroid-cad export` runs: a plain export (training.export.export_run) for one
+    run without TTA, else export_combined. tta None: the TTA the run was trained and
+    evaluated with (its `tta` parameter), else none."""
+    if tta is None:
+        tta = _trained_tta(run_ids[0])
+    if tta == "none" and len(run_ids) == 1 and ensemble is None and weights is None:
+        return export.export_run(run_ids[0], out_dir)
+    return export_combined(run_ids, out_dir, tta, weights, ensemble)
+
+
+def _trained_tta(run_id: str) -> str:
+    try:
+        params = mlflow.get_run(export.model_run(run_id)).data.params
+    except Exception:  # MlflowException: no such run; export_run says so clearly
+        return "none"
+    # svm / rf runs ignore --tta (their tag tta_note says so)
+    return params.get("tta", "none") if params.get("classifier") == "softmax" else "none"
 
 
 def export_combined(

@@ -27,7 +27,7 @@ from sklearn.svm import SVC
 
 from thyroid_cad.imaging import PREPROCESSING_VERSION, ROI_MARGIN
 from training import descriptors as desc
-from training import evaluate, loso, models, pipeline, roi, sources, tracking
+from training import ensemble, evaluate, loso, models, pipeline, roi, sources, tracking
 from training.audit import inspect_all
 from training.data import Dataset, scan
 from training.splits import grouped_split
@@ -75,6 +75,7 @@ class TrainConfig:
     annotations: str | None = None
     localiser: str | None = None
     descriptors: bool = False
+    tta: str = "none"
     experiment: str = "thyroid-cad"
     run_name: str | None = None
 
@@ -100,6 +101,10 @@ class TrainConfig:
             raise ValueError("target sensitivity must be between 0 and 1")
         if self.strategy == "two-phase" and self.epochs < 2:
             raise ValueError("two-phase fine-tuning needs at least 2 epochs")
+        if self.tta not in ensemble.TTA_MODES:
+            raise ValueError(f"unknown TTA mode {self.tta!r}; choose from {ensemble.TTA_MODES}")
+        if self.tta != "none" and self.roi != "off":
+            raise ValueError("--tta is for whole-frame models (--roi off)")
         roi.check_config(self)
         models.resolve_weights(self.weights)
 
@@ -332,6 +337,8 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             rois.log(dataset)
         if cfg.descriptors and descriptor_codes is None:
             mlflow.set_tag("descriptors_note", "ignored: only the softmax classifier has heads")
+        if cfg.tta != "none" and cfg.classifier != "softmax":
+            mlflow.set_tag("tta_note", "ignored: TTA is built for the softmax classifier only")
 
         model = models.build_model(
             cfg.backbone,
@@ -398,6 +405,9 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             probs = {s: evaluate.apply_temperature(p, temperature) for s, p in probs.items()}
             mlflow.log_metrics({"temperature": temperature, "val_ece_uncalibrated": raw_ece})
             extra["temperature"] = temperature
+            if cfg.tta != "none":  # evaluated as the exported graph will answer
+                probs = {s: ensemble.predict_views(model, x[s], cfg.tta) for s in probs}
+                extra["tta"] = cfg.tta
         else:
             features = models.feature_extractor(model)
             feats = {
