@@ -9,7 +9,7 @@ import pytest
 
 from registry import gate, store
 from thyroid_cad import settings
-from training import ensemble, export, models
+from training import ensemble, export, models, tta
 
 
 def _session(path) -> ort.InferenceSession:
@@ -47,8 +47,8 @@ def store_env(session_home, tiny_run):
 
 def test_views_move_the_image_as_documented():
     x = np.random.default_rng(0).uniform(0, 255, (2, 40, 40, 3)).astype("float32")
-    d = round(ensemble.SHIFT * 40)
-    view = {v: np.asarray(ensemble.View(v)(x)) for v in ensemble.VIEWS["full"]}
+    d = round(tta.SHIFT * 40)
+    view = {v: np.asarray(tta.View(v)(x)) for v in tta.VIEWS["full"]}
     np.testing.assert_array_equal(view["identity"], x)
     np.testing.assert_array_equal(view["flip"], x[:, :, ::-1])
     np.testing.assert_array_equal(view["shift_right"][:, :, d:], x[:, :, :-d])
@@ -57,7 +57,7 @@ def test_views_move_the_image_as_documented():
     assert all(v.shape == x.shape for v in view.values())
     assert not view["zoom_out"][:, :1].any() and view["zoom_out"][:, 20].any()
     with pytest.raises(ValueError, match="unknown view"):
-        ensemble.View("vertical_flip")
+        tta.View("vertical_flip")
 
 
 @pytest.fixture(scope="module")

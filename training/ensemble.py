@@ -4,11 +4,8 @@
 ONE graph with the same input and outputs as a plain export (training.export), so the
 ONNX file stays the whole contract and the service needs nothing new:
 
-* views (TTA): the graph makes every view of the uint8 image itself (VIEWS[mode]:
-  horizontal flip; shifts by SHIFT of the side, zero-filled like the letterbox bars;
-  zooms by ZOOM, in by a centre crop, out by padding), runs each member on every view
-  and averages. Only left-right flips: an ultrasound frame's depth axis (skin at the
-  top) is not symmetric, so vertical flips are images no scanner makes.
+* views (TTA): the graph makes every view of the uint8 image itself (training.tta:
+  flips, shifts, zooms), runs each member on every view and averages.
 * members (ensemble): several softmax runs of one split, e.g. the leave-one-source-out
   fold models of a run (training.loso) or runs of different backbones; their weights
   (default equal) are normalised to sum to 1.
@@ -52,75 +49,11 @@ from thyroid_cad import tirads
 from training import data as data_mod
 from training import evaluate, export, models, ood, roi, sources, tracking
 from training.audit import inspect_all
+from training.tta import HEATMAP_VIEWS, TTA_MODES, VIEWS, View
 
 log = logging.getLogger(__name__)
 
-TTA_MODES = ("none", "flips", "full")
-VIEWS = {
-    "none": ("identity",),
-    "flips": ("identity", "flip"),
-    "full": (
-        "identity",
-        "flip",
-        "shift_left",
-        "shift_right",
-        "shift_up",
-        "shift_down",
-        "zoom_in",
-        "zoom_out",
-    ),
-}
-HEATMAP_VIEWS = ("identity", "flip")  # the views whose maps can be mapped back exactly
-SHIFT = 0.05  # of the image side
-ZOOM = 0.10  # zoom in to 1 + ZOOM, out to 1 - ZOOM
 ENSEMBLE_FOLDS = "folds"
-
-
-@keras.saving.register_keras_serializable(package="thyroid_cad")
-class View(layers.Layer):
-    """One test-time view of a float N x S x S x 3 image (see VIEWS)."""
-
-    def __init__(self, view: str, **kwargs):
-        super().__init__(**kwargs)
-        if view not in VIEWS["full"]:
-            raise ValueError(f"unknown view {view!r}; choose from {VIEWS['full']}")
-        self.view = view
-
-    def call(self, x):
-        size = x.shape[1]
-        d = max(1, round(SHIFT * size))
-        if self.view == "identity":
-            return x
-        if self.view == "flip":
-            return ops.flip(x, axis=2)
-        if self.view.startswith("shift_"):
-            # content moves by d pixels; the strip it leaves is black, as letterbox bars
-            pads = {
-                "shift_left": ((0, 0), (0, 0), (0, d), (0, 0)),
-                "shift_right": ((0, 0), (0, 0), (d, 0), (0, 0)),
-                "shift_up": ((0, 0), (0, d), (0, 0), (0, 0)),
-                "shift_down": ((0, 0), (d, 0), (0, 0), (0, 0)),
-            }[self.view]
-            padded = ops.pad(x, pads)
-            top = d if self.view == "shift_up" else 0
-            left = d if self.view == "shift_left" else 0
-            return padded[:, top : top + size, left : left + size, :]
-        if self.view == "zoom_in":
-            crop = round(size / (1 + ZOOM))
-            o = (size - crop) // 2
-            return _resize(x[:, o : o + crop, o : o + crop, :], size)
-        small = round(size * (1 - ZOOM))  # zoom_out
-        o = (size - small) // 2
-        return ops.pad(
-            _resize(x, small), ((0, 0), (o, size - small - o), (o, size - small - o), (0, 0))
-        )
-
-    def get_config(self):
-        return {**super().get_config(), "view": self.view}
-
-
-def _resize(x, size: int):
-    return ops.image.resize(x, (size, size), interpolation="bilinear", antialias=False)
 
 
 class _WeightedSum(layers.Layer):
@@ -227,23 +160,6 @@ def serving_model(members: list[Member], weights: list[float], tta: str) -> kera
             _WeightedSum(weights, name=k)(xs) if len(xs) > 1 else layers.Identity(name=k)(xs[0])
         )
     return keras.Model(image, outputs, name="serving_robust")
-
-
-def predict_views(model: keras.Model, images: np.ndarray, tta: str, batch: int = 32):
-    """The mean over VIEWS[tta] of a Keras model's probabilities on uint8 images: what
-    the exported graph of one member computes (training's `--tta` evaluates with it)."""
-    net = models.with_heatmaps(model)
-    total = None
-    for v in VIEWS[tta]:
-        view = View(v)
-        probs = np.concatenate(
-            [
-                np.asarray(net(view(images[i : i + batch].astype("float32")))["probabilities"])
-                for i in range(0, len(images), batch)
-            ]
-        )
-        total = probs if total is None else total + probs
-    return total / len(VIEWS[tta])
 
 
 # --------------------------------------------------------------------------- members
@@ -355,8 +271,6 @@ def _parity(session, wrapper: keras.Model, images: np.ndarray, size: int) -> dic
 def _evaluate(session, first: Member) -> tuple[dict, float, np.ndarray | None]:
     """(flat metrics like a training run's, threshold, validation OOD scores) of the
     combined graph on the members' split: threshold on val, metrics on test."""
-    from training.train import _source_evaluation  # the same per-source numbers as training
-
     params, info = first.params, first.info
     root = Path(params.get("data", ""))
     sides = ood.run_sides(first.split_path, None)
@@ -417,7 +331,7 @@ def _evaluate(session, first: Member) -> tuple[dict, float, np.ndarray | None]:
             metrics.update({f"{s}_case_{k}": v for k, v in at_case.items()})
     infos = inspect_all(dataset)
     src = sources.assign_sources(dataset, infos)
-    metrics.update(_source_evaluation(infos, src, idx, y, probs, positive, seed))
+    metrics.update(sources.evaluation(infos, src, idx, y, probs, positive, seed))
     metrics.update(sources.robust_scores(metrics))
     return metrics, float(val["threshold"]), out["val"].get(ood.OUTPUT_NAME)
 

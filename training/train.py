@@ -27,7 +27,7 @@ from sklearn.svm import SVC
 
 from thyroid_cad.imaging import PREPROCESSING_VERSION, ROI_MARGIN
 from training import descriptors as desc
-from training import ensemble, evaluate, loso, models, pipeline, roi, sources, tracking
+from training import evaluate, loso, models, pipeline, roi, sources, tracking, tta
 from training.audit import inspect_all
 from training.data import Dataset, scan
 from training.splits import grouped_split
@@ -101,8 +101,8 @@ class TrainConfig:
             raise ValueError("target sensitivity must be between 0 and 1")
         if self.strategy == "two-phase" and self.epochs < 2:
             raise ValueError("two-phase fine-tuning needs at least 2 epochs")
-        if self.tta not in ensemble.TTA_MODES:
-            raise ValueError(f"unknown TTA mode {self.tta!r}; choose from {ensemble.TTA_MODES}")
+        if self.tta not in tta.TTA_MODES:
+            raise ValueError(f"unknown TTA mode {self.tta!r}; choose from {tta.TTA_MODES}")
         if self.tta != "none" and self.roi != "off":
             raise ValueError("--tta is for whole-frame models (--roi off)")
         roi.check_config(self)
@@ -213,28 +213,6 @@ def _fit_sklearn(clf, features: np.ndarray, y: np.ndarray, weights: np.ndarray |
         return clf.fit(features, y)
     key = f"{clf.steps[-1][0]}__sample_weight" if hasattr(clf, "steps") else "sample_weight"
     return clf.fit(features, y, **{key: weights})
-
-
-def _source_evaluation(infos, src, idx, y, probs, positive: int, seed: int) -> dict:
-    """Per-source val / test AUCs and the shortcut floor on the same test images."""
-    metrics = {}
-    for s in ("val", "test"):
-        metrics.update(
-            sources.source_metrics(
-                s, y[s] == positive, probs[s][:, positive], [src[i] for i in idx[s]], seed
-            )
-        )
-    floor = sources.shortcut_floor(
-        *(
-            ([infos[i].size for i in idx[s]], [src[i] for i in idx[s]], y[s])
-            for s in ("train", "test")
-        ),
-        positive=positive,
-        seed=seed,
-    )
-    keys = ("test_shortcut_auc", "test_shortcut_auc_ci_low", "test_shortcut_auc_ci_high")
-    metrics.update(dict(zip(keys, floor, strict=True)))
-    return metrics
 
 
 def _case_evaluation(dataset: Dataset, idx, y, probs, threshold: float, seed: int) -> dict:
@@ -406,7 +384,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             mlflow.log_metrics({"temperature": temperature, "val_ece_uncalibrated": raw_ece})
             extra["temperature"] = temperature
             if cfg.tta != "none":  # evaluated as the exported graph will answer
-                probs = {s: ensemble.predict_views(model, x[s], cfg.tta) for s in probs}
+                probs = {s: tta.predict_views(model, x[s], cfg.tta) for s in probs}
                 extra["tta"] = cfg.tta
         else:
             features = models.feature_extractor(model)
@@ -451,7 +429,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
         metrics.update(_case_evaluation(dataset, idx, y, probs, val["threshold"], cfg.seed))
 
         # Results per source, and how far the source and image size alone get.
-        metrics.update(_source_evaluation(infos, src, idx, y, probs, positive, cfg.seed))
+        metrics.update(sources.evaluation(infos, src, idx, y, probs, positive, cfg.seed))
         if descriptor_codes:
             metrics.update(metrics_desc)
             train_codes = {d: c[idx["train"]] for d, c in descriptor_codes.items()}
