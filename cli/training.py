@@ -72,6 +72,12 @@ def _options(ctx: typer.Context, config: Path | None) -> dict:
     return {**values, **{k: v for k, v in from_file.items() if k not in given}}
 
 
+class Tta(StrEnum):
+    none = "none"
+    flips = "flips"
+    full = "full"
+
+
 class Roi(StrEnum):
     off = "off"
     annotations = "annotations"
@@ -178,6 +184,13 @@ def train(
             "missing; softmax classifier only (ignored, with a note, for svm / rf)."
         ),
     ] = False,
+    tta: Annotated[
+        Tta,
+        typer.Option(
+            help="Evaluate with test-time augmentation (softmax on whole frames): none, flips "
+            "or full; `export` then builds the same views into the graph (docs/models.md)."
+        ),
+    ] = Tta.none,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
     config: Annotated[
         Path | None,
@@ -229,19 +242,48 @@ def sweep(
 
 @app.command()
 def export(
-    run_id: Annotated[str, typer.Argument(help="Training run (or progressive / sweep parent).")],
+    run_ids: Annotated[
+        list[str],
+        typer.Argument(
+            help="Training run (or progressive / sweep parent); several: one ensemble graph."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Folder for model.onnx and model_card.json.")] = Path(
         "export"
     ),
+    tta: Annotated[
+        Tta | None,
+        typer.Option(
+            help="Test-time augmentation in the graph: none; flips (left-right); full (flips, "
+            "shifts and zooms). Probabilities averaged over the views (docs/models.md). "
+            "Default: the run's own --tta from training, else none."
+        ),
+    ] = None,
+    ensemble: Annotated[
+        str | None,
+        typer.Option(
+            help="'folds': export the leave-one-source-out fold models of RUN_ID (trained "
+            "with --loso) as one ensemble graph."
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Ensemble member weights, comma-separated (default: equal)."),
+    ] = None,
 ):
-    """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card."""
+    """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card;
+    with --tta, several runs or --ensemble folds: one graph averaging views and members."""
     start_tensorflow()
-    from training import export as exporter
+    from training import ensemble as combined
     from training import tracking
 
     with user_errors(), contextlib.redirect_stdout(sys.stderr):
         tracking.setup_uri()
-        card = exporter.export_run(run_id, out)
+        try:
+            mix = [float(w) for w in weights.split(",")] if weights else None
+        except ValueError as e:
+            raise ValueError(f"--weights must be comma-separated numbers: {e}") from e
+        card = combined.export_runs(run_ids, out, tta and tta.value, mix, ensemble)
     parity = card["parity"]
     log.info("parity %s: %s", "passed" if parity["passed"] else "FAILED", json.dumps(parity))
     typer.echo(str(out / "model.onnx"))

@@ -213,3 +213,35 @@ class PredictResponse(BaseModel):
             }
         }
     }
+
+
+class FrameOut(BaseModel):
+    """One frame of a multi-frame request: its own prediction and heatmap."""
+
+    file: int = Field(description="Which uploaded `file` field, from 0.")
+    frame: int | None = Field(description="The DICOM frame (1-based); null for still images.")
+    prediction: PredictionOut
+    heatmap: HeatmapOut | None
+    roi: RoiOut | None = None
+    shape: ShapeOut | None = None
+    ood: OodOut | None = None
+
+
+class NoduleOut(BaseModel):
+    """The nodule the frames show, from all of them (docs/api.md, Several frames)."""
+
+    prediction: PredictionOut
+    frames: int = Field(description="How many frames were aggregated.")
+    aggregation: str = Field(description="How the frames' probabilities were combined.")
+    in_distribution: bool = Field(description="false when any frame was flagged (see ood).")
+
+
+class MultiFramePredictResponse(BaseModel):
+    """The answer to several frames of one nodule: per frame, and for the nodule."""
+
+    request_id: str
+    model: ModelOut
+    frames: list[FrameOut]
+    nodule: NoduleOut
+    timings: TimingsOut = Field(description="Summed over the frames (batch_size: the largest).")
+    disclaimer: str

@@ -254,3 +254,32 @@ def test_estimates_reach_the_structured_findings():
     assert found.tirads_level == "TR4" and found.descriptors[0].points == 2
     # Models without heads: the prediction is left as it was.
     assert inference.with_descriptors({**card, "descriptors": {}}, plain, {}, None) is plain
+
+
+def test_tta_averages_the_descriptor_heads_too(session_home, descriptor_run, tmp_path):
+    from conftest import _isolate
+
+    from training import ensemble, models
+
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, session_home)
+        card = ensemble.export_combined([descriptor_run], tmp_path, tta="flips")
+        keras_model = models.load(
+            mlflow.artifacts.download_artifacts(
+                run_id=descriptor_run,
+                artifact_path="model/model.keras",
+                tracking_uri=settings.tracking_uri(),
+            )
+        )
+    assert card["parity"]["passed"], card["parity"]
+    assert card["descriptors"] == descriptors.labels()
+    assert max(card["parity"]["descriptors_max_abs_diff"].values()) < 1e-4
+    images = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(None, {"image": images}), strict=True))
+    net = models.with_heatmaps(keras_model)
+    plain, flipped = net(images.astype("float32")), net(images[:, :, ::-1].astype("float32"))
+    for name in DESCRIPTOR_OUTPUTS:
+        expected = (np.asarray(plain[name]) + np.asarray(flipped[name])) / 2
+        np.testing.assert_allclose(got[name], expected, atol=1e-4)

@@ -410,3 +410,20 @@ def test_save_plots_single_class_does_not_crash(tmp_path):
         tmp_path, [0, 0, 0], _probs_from([0.1, 0.6, 0.3]), ["benign", "malignant"], 0.5
     )
     _assert_pngs(paths, ["roc.png", "pr.png", "confusion_matrix.png", "reliability.png"])
+
+
+def test_case_level_averages_each_cases_frames():
+    from thyroid_cad.metrics import case_probabilities
+    from training.evaluate import case_level
+
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.4, 0.6], [0.6, 0.4]])
+    combined, order = case_probabilities(probs, ["a", "a", "b", "b", "c"])
+    assert order == ["a", "b", "c"]
+    np.testing.assert_allclose(combined, [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    labels = [0, 0, 1, 1, 1]
+    # frames without a case id are cases of their own; a mixed-label case splits by label
+    out = case_level(labels, probs, ["a", "a", "b", None, "a"], ["benign", "malignant"], 0.5)
+    assert out["n_cases"] == 4  # a/benign, b, the frame without id, a/malignant
+    assert out["auc"] == 1.0 and out["sensitivity"] == 2 / 3
+    with pytest.raises(ValueError, match="case ids"):
+        case_level(labels, probs, ["a"], ["benign", "malignant"], 0.5)

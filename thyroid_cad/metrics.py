@@ -26,6 +26,7 @@ __all__ = [
     "auc_by_group",
     "binary_metrics",
     "bootstrap_auc_ci",
+    "case_probabilities",
     "choose_threshold",
     "confusion",
     "expected_calibration_error",
@@ -378,3 +379,27 @@ def roc_auc(y_true, scores) -> float:
     """ROC AUC (Mann-Whitney, ties count half); nan with a single class present."""
     y = _as_binary(y_true, "y_true")
     return _mann_whitney_auc(y, _as_scores(scores, y.size))
+
+
+# --------------------------------------------------------------------------- cases
+
+CASE_AGGREGATION = "mean of the class probabilities of the case's frames"
+
+
+def case_probabilities(probs, case_ids) -> tuple[np.ndarray, list]:
+    """(C x K probabilities, the C case ids in order of first appearance): one row per
+    case, the mean of its frames' rows (CASE_AGGREGATION).
+
+    The one aggregation of several frames of one nodule: training's case-level AUC and
+    the service's multi-frame answer both use it.
+    """
+    p = _as_probs(probs)
+    ids = list(case_ids)
+    if len(ids) != p.shape[0]:
+        raise ValueError(f"shape mismatch: {len(ids)} case ids for {p.shape[0]} rows")
+    order = list(dict.fromkeys(ids))
+    index = {c: i for i, c in enumerate(order)}
+    rows = np.array([index[c] for c in ids], dtype=np.int64)
+    sums = np.zeros((len(order), p.shape[1]))
+    np.add.at(sums, rows, p)
+    return sums / np.bincount(rows, minlength=len(order))[:, None], order

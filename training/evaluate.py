@@ -24,6 +24,7 @@ import numpy as np
 # The metric functions live in thyroid_cad.metrics so the service's live performance
 # numbers are computed by the very same code; re-exported here for training's callers.
 from thyroid_cad.metrics import (  # noqa: F401
+    CASE_AGGREGATION,
     _as_labels,
     _as_probs,
     _bootstrap_aucs,
@@ -34,6 +35,7 @@ from thyroid_cad.metrics import (  # noqa: F401
     auc_by_group,
     binary_metrics,
     bootstrap_auc_ci,
+    case_probabilities,
     choose_threshold,
     confusion,
     expected_calibration_error,
@@ -45,6 +47,7 @@ __all__ = [
     "auc_by_group",
     "binary_metrics",
     "bootstrap_auc_ci",
+    "case_level",
     "choose_threshold",
     "confusion",
     "evaluate",
@@ -136,6 +139,36 @@ def evaluate(
     if k > 2:
         out["auc_macro_ovr"] = _macro_ovr_auc(y, p)
     return out
+
+
+def case_level(
+    labels,
+    probs,
+    case_ids: Sequence[str | None],
+    class_names: Sequence[str],
+    threshold: float,
+    positive: str = "malignant",
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`evaluate` on one row per case instead of per frame, plus ``n_cases``.
+
+    A case's probabilities are the mean of its frames' (thyroid_cad.metrics.
+    CASE_AGGREGATION); its label is theirs. A frame without a case id is a case of its
+    own; frames of one case id with different labels (not expected: DDTI labels are per
+    case) count as one case per label rather than inventing a label. ``threshold`` is the
+    frame-level one chosen on validation, so both levels decide alike.
+    """
+    y, p = _check_split(labels, probs, class_names)
+    if len(case_ids) != y.size:
+        raise ValueError(f"shape mismatch: {len(case_ids)} case ids for {y.size} frames")
+    keys = [
+        (f"case:{c}", int(label)) if c else (f"frame:{i}", int(label))
+        for i, (c, label) in enumerate(zip(case_ids, y, strict=True))
+    ]
+    case_probs, order = case_probabilities(p, keys)
+    case_labels = np.array([label for _, label in order])
+    out = evaluate(case_labels, case_probs, class_names, threshold, positive=positive, seed=seed)
+    return {**out, "n_cases": float(len(order))}
 
 
 # --------------------------------------------------------------------------- plots

@@ -297,6 +297,26 @@ def export_model(
     parity["passed"] = bool(passed)
 
     heatmap_shape = session.get_outputs()[outputs.index("heatmap")].shape if has_heatmap else None
+    card = model_card(info, path, parity, heatmap_shape, descriptors, card_extra, ood_card)
+    (out_dir / "model_card.json").write_text(json.dumps(card, indent=1))
+    log.info("exported %s (parity %s: probs diff %.2g)", path, passed, prob_diff)
+    return card
+
+
+def model_card(
+    info: dict,
+    path: Path,
+    parity: dict,
+    heatmap_shape,
+    descriptors: dict,
+    card_extra: dict | None = None,
+    ood_card: dict | None = None,
+) -> dict:
+    """The model card of the graph at `path` (its sha256 included): what registry/, the
+    gate and the service read. `heatmap_shape`: the graph's heatmap output shape, or
+    None for graphs without one (SVM / RF)."""
+    has_heatmap = heatmap_shape is not None
+    size = int(info["image_size"])
     card = {
         "format": "thyroid-cad model card v1",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -369,8 +389,6 @@ def export_model(
         card["outputs"][ood.OUTPUT_NAME] = (
             "N, distance of the image to the training images in feature space (see ood)"
         )
-    (out_dir / "model_card.json").write_text(json.dumps(card, indent=1))
-    log.info("exported %s (parity %s: probs diff %.2g)", path, passed, prob_diff)
     return card
 
 
@@ -411,10 +429,13 @@ def _metrics_with_cis(metrics: dict[str, float]) -> dict:
         "ece",
         "brier",
     )
-    return {
-        split: {k: metrics[f"{split}_{k}"] for k in keys if f"{split}_{k}" in metrics}
-        for split in ("val", "test")
+    # val_case / test_case: the same per case (training.evaluate.case_level), where the
+    # data has case ids
+    splits = {
+        split: {k: metrics[f"{split}_{k}"] for k in (*keys, "n_cases") if f"{split}_{k}" in metrics}
+        for split in ("val", "test", "val_case", "test_case")
     }
+    return {split: m for split, m in splits.items() if m or split in ("val", "test")}
 
 
 def model_run(run_id: str) -> str:

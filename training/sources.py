@@ -171,6 +171,32 @@ def shortcut_floor(
     return evaluate.bootstrap_auc_ci(np.asarray(y_test) == positive, scores, seed=seed)
 
 
+def evaluation(infos, src, idx, y, probs, positive: int, seed: int) -> dict:
+    """Per-source val / test AUCs and the shortcut floor on the same test images.
+
+    idx, y, probs: {'train', 'val', 'test': image indices / labels / class probabilities}
+    (probs for val and test only); infos and src: every image's audit info and source.
+    """
+    metrics = {}
+    for s in ("val", "test"):
+        metrics.update(
+            source_metrics(
+                s, y[s] == positive, probs[s][:, positive], [src[i] for i in idx[s]], seed
+            )
+        )
+    floor = shortcut_floor(
+        *(
+            ([infos[i].size for i in idx[s]], [src[i] for i in idx[s]], y[s])
+            for s in ("train", "test")
+        ),
+        positive=positive,
+        seed=seed,
+    )
+    keys = ("test_shortcut_auc", "test_shortcut_auc_ci_low", "test_shortcut_auc_ci_high")
+    metrics.update(dict(zip(keys, floor, strict=True)))
+    return metrics
+
+
 def per_source(metrics: Mapping[str, float], prefix: str) -> dict[str, dict[str, float]]:
     """Read back {source: {'auc', 'ci_low', 'ci_high', 'n'}} from flat metric names.
 

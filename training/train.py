@@ -27,7 +27,7 @@ from sklearn.svm import SVC
 
 from thyroid_cad.imaging import PREPROCESSING_VERSION, ROI_MARGIN
 from training import descriptors as desc
-from training import evaluate, loso, models, pipeline, roi, sources, tracking
+from training import evaluate, loso, models, pipeline, roi, sources, tracking, tta
 from training.audit import inspect_all
 from training.data import scan
 from training.fitting import MlflowEpochLogger, subsample
@@ -76,6 +76,7 @@ class TrainConfig:
     annotations: str | None = None
     localiser: str | None = None
     descriptors: bool = False
+    tta: str = "none"
     experiment: str = "thyroid-cad"
     run_name: str | None = None
 
@@ -101,6 +102,10 @@ class TrainConfig:
             raise ValueError("target sensitivity must be between 0 and 1")
         if self.strategy == "two-phase" and self.epochs < 2:
             raise ValueError("two-phase fine-tuning needs at least 2 epochs")
+        if self.tta not in tta.TTA_MODES:
+            raise ValueError(f"unknown TTA mode {self.tta!r}; choose from {tta.TTA_MODES}")
+        if self.tta != "none" and self.roi != "off":
+            raise ValueError("--tta is for whole-frame models (--roi off)")
         roi.check_config(self)
         models.resolve_weights(self.weights)
 
@@ -183,25 +188,20 @@ def _fit_sklearn(clf, features: np.ndarray, y: np.ndarray, weights: np.ndarray |
     return clf.fit(features, y, **{key: weights})
 
 
-def _source_evaluation(infos, src, idx, y, probs, positive: int, seed: int) -> dict:
-    """Per-source val / test AUCs and the shortcut floor on the same test images."""
-    metrics = {}
+def _case_evaluation(dataset: Dataset, idx, y, probs, threshold: float, seed: int) -> dict:
+    """val_case_* / test_case_* (evaluate.case_level) where the data has case ids
+    (DDTI cases hold several frames of one nodule); {} otherwise."""
+    metrics: dict[str, float] = {}
     for s in ("val", "test"):
-        metrics.update(
-            sources.source_metrics(
-                s, y[s] == positive, probs[s][:, positive], [src[i] for i in idx[s]], seed
-            )
-        )
-    floor = sources.shortcut_floor(
-        *(
-            ([infos[i].size for i in idx[s]], [src[i] for i in idx[s]], y[s])
-            for s in ("train", "test")
-        ),
-        positive=positive,
-        seed=seed,
-    )
-    keys = ("test_shortcut_auc", "test_shortcut_auc_ci_low", "test_shortcut_auc_ci_high")
-    metrics.update(dict(zip(keys, floor, strict=True)))
+        cases = [dataset.records[i].case_id for i in idx[s]]
+        if not any(cases):
+            continue
+        names = dataset.class_names
+        positive = POSITIVE_CLASS if POSITIVE_CLASS in names else names[-1]
+        at_case = evaluate.case_level(y[s], probs[s], cases, names, threshold, positive, seed)
+        metrics.update({f"{s}_case_{m}": v for m, v in at_case.items()})
+    if metrics:
+        mlflow.set_tag("case_aggregation", evaluate.CASE_AGGREGATION)
     return metrics
 
 
@@ -288,6 +288,8 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             rois.log(dataset)
         if cfg.descriptors and descriptor_codes is None:
             mlflow.set_tag("descriptors_note", "ignored: only the softmax classifier has heads")
+        if cfg.tta != "none" and cfg.classifier != "softmax":
+            mlflow.set_tag("tta_note", "ignored: TTA is built for the softmax classifier only")
 
         model = models.build_model(
             cfg.backbone,
@@ -354,6 +356,9 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             probs = {s: evaluate.apply_temperature(p, temperature) for s, p in probs.items()}
             mlflow.log_metrics({"temperature": temperature, "val_ece_uncalibrated": raw_ece})
             extra["temperature"] = temperature
+            if cfg.tta != "none":  # evaluated as the exported graph will answer
+                probs = {s: tta.predict_views(model, x[s], cfg.tta) for s in probs}
+                extra["tta"] = cfg.tta
         else:
             features = models.feature_extractor(model)
             feats = {
@@ -394,9 +399,10 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             **{f"val_{m}": v for m, v in val.items()},
             **{f"test_{m}": v for m, v in test.items()},
         }
+        metrics.update(_case_evaluation(dataset, idx, y, probs, val["threshold"], cfg.seed))
 
         # Results per source, and how far the source and image size alone get.
-        metrics.update(_source_evaluation(infos, src, idx, y, probs, positive, cfg.seed))
+        metrics.update(sources.evaluation(infos, src, idx, y, probs, positive, cfg.seed))
         if descriptor_codes:
             metrics.update(metrics_desc)
             train_codes = {d: c[idx["train"]] for d, c in descriptor_codes.items()}

@@ -17,10 +17,20 @@ from service.api.deps import AdminKey, Audited, PredictKey, auth_first
 from service.api.routes import formats
 from service.config import Settings
 from service.errors import ApiError
+from service.inference import frames as multi
 from service.inference import heatmaps, safety
 from service.inference import pipeline as inference
 from service.inference.models import ModelManager
-from service.schemas import DISCLAIMER, SQL_INT_MAX, ErrorOut, PredictResponse, TimingsOut
+from service.schemas import (
+    DISCLAIMER,
+    SQL_INT_MAX,
+    ErrorOut,
+    FrameOut,
+    MultiFramePredictResponse,
+    NoduleOut,
+    PredictResponse,
+    TimingsOut,
+)
 
 
 def errors(*statuses: int) -> dict:
@@ -61,7 +71,23 @@ ClassQ = Annotated[
     str | None,
     Query(alias="class", min_length=1, description="Heatmap for this class, not the predicted."),
 ]
-Upload = Annotated[UploadFile, File(description="PNG, JPEG, BMP, TIFF or DICOM.")]
+Upload = Annotated[
+    list[UploadFile],
+    File(
+        description="PNG, JPEG, BMP, TIFF or DICOM. Repeat the field for several frames of "
+        "one nodule: the answer then holds every frame and the nodule."
+    ),
+]
+AllFramesQ = Annotated[
+    bool,
+    Query(
+        description="Multi-frame DICOM: score every frame as frames of one nodule (answer "
+        "per frame and for the nodule) instead of the one `frame`."
+    ),
+]
+# One frame answers as PredictResponse (as before multi-frame requests existed); several
+# as MultiFramePredictResponse.
+PredictAnswer = PredictResponse | MultiFramePredictResponse
 RoiQ = Annotated[
     str | None,
     Query(
@@ -114,7 +140,7 @@ def read_upload(file: UploadFile, limit: int) -> bytes:
 
 def predict_upload(
     request: Request,
-    file: UploadFile,
+    file: UploadFile | list[UploadFile],
     key,
     route: str,
     heatmap: str,
@@ -124,7 +150,15 @@ def predict_upload(
     name: str | None = None,
     options: formats.Options = formats.JSON,
     roi: str | None = None,
+    all_frames: bool = False,
 ) -> Response:
+    files = file if isinstance(file, list) else [file]
+    if len(files) > 1 or all_frames:
+        where = {"alias": alias, "version": version, "name": name}
+        return predict_frames(
+            request, files, key, route, heatmap, class_name, where, options, roi, all_frames
+        )
+    file = files[0]
     budget = request.app.state.pixel_budget  # held until the answer is built
     with Audited(request, route, key) as audited, budget.held() as ticket:
         settings: Settings = request.app.state.settings
@@ -206,7 +240,118 @@ def predict_upload(
         return answer
 
 
-@predict.post("/v1/predict", response_model=PredictResponse)
+def predict_frames(
+    request: Request,
+    files: list[UploadFile],
+    key,
+    route: str,
+    heatmap: str,
+    class_name: str | None,
+    where: dict,
+    options: formats.Options,
+    roi: str | None,
+    all_frames: bool,
+) -> Response:
+    """Several frames of one nodule (repeated `file` fields, or every frame of a
+    multi-frame DICOM with all_frames): each scored as a single image would be, with its
+    heatmap, and the nodule from all of them (frames.AGGREGATION). One audit record for
+    the call, with the frame count in its timings; JSON answers only. The frames share one
+    ticket of the pixel budget, so a call of many frames at most runs alone."""
+    budget = request.app.state.pixel_budget
+    with Audited(request, route, key) as audited, budget.held() as ticket:
+        settings: Settings = request.app.state.settings
+        model, via = request.app.state.models.get(**where)
+        audited.record.update(model_name=model.name, model_version=model.version)
+        if options.format != "json":
+            raise ApiError(400, "multi_frame_format", "several frames are answered in JSON only")
+        if options.frame is not None and all_frames:
+            raise ApiError(400, "frame_conflict", "give either frame or all_frames, not both")
+        multi.check_count(len(files))
+        names = model.card["class_names"]
+        if class_name is not None and class_name not in names:
+            raise ApiError(400, "unknown_class", f"class must be one of {names}")
+        box = inference.parse_roi(roi)
+        uploads = [read_upload(f, settings.max_upload_bytes) for f in files]
+        jobs = [
+            (i, frame)
+            for i, data in enumerate(uploads)
+            for frame in (range(1, multi.dicom_frames(data) + 1) if all_frames else [options.frame])
+        ]
+        multi.check_count(len(jobs))
+        digests = "".join(hashlib.sha256(d).hexdigest() for d in uploads)
+        audited.record["input_sha256"] = hashlib.sha256(digests.encode()).hexdigest()
+        scored = []
+        for i, frame in jobs:
+            prepared = inference.prepare(
+                uploads[i], model.input_size, settings.max_image_pixels, model, box, frame, ticket
+            )
+            scored.append((i, inference.score(model, prepared)))
+        first = scored[0][1].prepared
+        audited.record.update(
+            content_type=first.content_type,
+            image_height=first.rgb.shape[0],
+            image_width=first.rgb.shape[1],
+        )
+        oods = [s.ood for _, s in scored]
+        audited.record.update(safety.record(oods))
+        safety.enforce(settings.ood_policy, oods)
+        out = []
+        for i, s in scored:
+            index = names.index(class_name or s.prediction.label)
+            located = s.prepared.located
+            out.append(
+                FrameOut(
+                    file=i,
+                    frame=s.prepared.frame,
+                    prediction=s.prediction,
+                    heatmap=heatmaps.render_heatmap(
+                        model, s.heatmap, index, heatmap, s.prepared.rgb, s.prepared.geometry
+                    ),
+                    roi=located.roi if located else None,
+                    shape=located.shape if located else None,
+                    ood=s.ood,
+                )
+            )
+        combined = multi.nodule_probabilities([s.probabilities for _, s in scored])
+        nodule = NoduleOut(
+            prediction=inference.decide(model.card, combined),
+            frames=len(scored),
+            aggregation=multi.AGGREGATION,
+            in_distribution=all(o is None or o.in_distribution for o in oods),
+        )
+        timings = TimingsOut(
+            decode_ms=sum(s.prepared.decode_s for _, s in scored) * 1e3,
+            preprocess_ms=sum(s.prepared.prepare_s for _, s in scored) * 1e3,
+            queue_ms=sum(s.queue_s for _, s in scored) * 1e3,
+            inference_ms=sum(s.inference_s for _, s in scored) * 1e3,
+            batch_size=max(s.batch_size for _, s in scored),
+            total_ms=(time.perf_counter() - audited.start) * 1e3,
+        )
+        body = MultiFramePredictResponse(
+            request_id=audited.record["request_id"],
+            model=inference.describe_model(model, via),
+            frames=out,
+            nodule=nodule,
+            timings=timings,
+            disclaimer=DISCLAIMER,
+        )
+        audited.record.update(
+            label=nodule.prediction.label,
+            probabilities=nodule.prediction.probabilities,
+            timings={
+                **{k: round(v, 3) for k, v in timings.model_dump().items()},
+                "frames": len(scored),
+            },
+        )
+        answer = JSONResponse(
+            body.model_dump(by_alias=True),
+            headers={"X-Request-ID": audited.record["request_id"]},
+        )
+        audited.finish(200)
+        return answer
+
+
+@predict.post("/v1/predict", response_model=PredictAnswer)
 def predict_default(
     request: Request,
     key: PredictKey,
@@ -216,8 +361,10 @@ def predict_default(
     class_name: ClassQ = None,
     alias: Annotated[str | None, Query(min_length=1, description="e.g. challenger")] = None,
     roi: RoiQ = None,
+    all_frames: AllFramesQ = False,
 ):
-    """Classify one ultrasound image with the champion (or ?alias=) model."""
+    """Classify one ultrasound image (or several frames of one nodule) with the champion
+    (or ?alias=) model."""
     return predict_upload(
         request,
         file,
@@ -228,10 +375,11 @@ def predict_default(
         alias=alias,
         options=options,
         roi=roi,
+        all_frames=all_frames,
     )
 
 
-@predict.post("/v1/models/{name}/predict", response_model=PredictResponse)
+@predict.post("/v1/models/{name}/predict", response_model=PredictAnswer)
 def predict_alias(
     request: Request,
     name: str,
@@ -242,6 +390,7 @@ def predict_alias(
     class_name: ClassQ = None,
     alias: Annotated[str, Query(min_length=1, description="Registry alias.")] = "champion",
     roi: RoiQ = None,
+    all_frames: AllFramesQ = False,
 ):
     """Classify with the version an alias of this model points at."""
     route = "/v1/models/{name}/predict"
@@ -256,10 +405,11 @@ def predict_alias(
         name=name,
         options=options,
         roi=roi,
+        all_frames=all_frames,
     )
 
 
-@predict.post("/v1/models/{name}/versions/{version}/predict", response_model=PredictResponse)
+@predict.post("/v1/models/{name}/versions/{version}/predict", response_model=PredictAnswer)
 def predict_version(
     request: Request,
     name: str,
@@ -272,6 +422,7 @@ def predict_version(
     heatmap: HeatmapQ = "png",
     class_name: ClassQ = None,
     roi: RoiQ = None,
+    all_frames: AllFramesQ = False,
 ):
     """Classify with one pinned model version."""
     route = "/v1/models/{name}/versions/{version}/predict"
@@ -286,6 +437,7 @@ def predict_version(
         name=name,
         options=options,
         roi=roi,
+        all_frames=all_frames,
     )
 
 
