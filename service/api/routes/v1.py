@@ -282,7 +282,7 @@ def _when(value: str | None, name: str) -> datetime | None:
         raise ApiError(400, "invalid_datetime", f"{name}: {e}") from e
 
 
-@router.get("/v1/requests", tags=["admin"], responses=errors(400, 401, 403, 422, 503))
+@router.get("/v1/requests", responses=errors(400, 401, 403, 422, 503))
 def requests(
     request: Request,
     key: AdminKey,
