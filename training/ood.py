@@ -191,11 +191,10 @@ def reference_for_run(
     size = int(info["image_size"])
     crop = roi.read_rois(rois_path)
     names = list(info["class_names"])
-    labels = np.array([names.index(label_of[rel]) for rel in train])
     served = roi.served_crops(rois_path, localiser, root, train + val)
     proposed_train = [rel for rel in train if rel in served]
     proposed_val = [rel for rel in val if rel in served]
-    labels = np.concatenate([labels, [names.index(label_of[rel]) for rel in proposed_train]])
+    labels = np.array([names.index(label_of[rel]) for rel in train + proposed_train])
     images = np.concatenate(
         [load_side(root, train, size, crop)]
         + ([load_side(root, proposed_train, size, served.get)] if proposed_train else [])
