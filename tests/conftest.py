@@ -106,8 +106,10 @@ def tiny_export(tiny_run, session_home, tmp_path_factory) -> Path:
     return out
 
 
-def make_served(export: Path, work: Path, label: str):
+def make_served(export: Path, work: Path, label: str, force: str = ""):
     """Register `export` as a fresh model's champion; settings and keys to serve it.
+
+    `force`: the reason to promote past the registry's gate (a few-epoch test model).
 
     Returns a SimpleNamespace: settings (service.config.Settings), name (registered
     model), version, predict_key and admin_key (bearer tokens), export, db_path, spool.
@@ -123,7 +125,7 @@ def make_served(export: Path, work: Path, label: str):
 
     name = f"{label}-{uuid.uuid4().hex[:8]}"
     version = store.register(export, name)
-    store.promote(version, "champion", name)
+    store.promote(version, "champion", name, force=bool(force), reason=force or None)
     settings = Settings(
         model=f"{name}@champion",
         poll_interval_s=0.5,

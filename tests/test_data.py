@@ -114,6 +114,13 @@ def test_audit_finds_duplicates_and_leaks(split_layout):
     assert leaks[("test/Malignant/copy_of_m0.jpg", "train/malin/m0.jpg")] == "exact"
     assert leaks[("test/benin/b1_resaved.jpg", "train/benin/b1.png")] == "near"
     assert [u["path"] for u in report["unreadable"]] == ["train/benin/broken.png"]
+    # no manifest case explains the re-saved copy: the report lists it for a look
+    assert ["test/benin/b1_resaved.jpg", "train/benin/b1.png"] in report[
+        "near_duplicate_groups_across_cases"
+    ]
+    text = audit.format_report(report)
+    assert "at most 8 of 64 bits" in text and "give them one case_id" in text
+    assert "near duplicates across cases: test/benin/b1_resaved.jpg | train/benin/b1.png" in text
     json.dumps(report)  # the CLI prints it as JSON
 
 
@@ -138,7 +145,15 @@ def test_conflicting_duplicates_are_dropped(tmp_path):
         _noise_image(tmp_path / "benign" / f"b{i}.png", i)
         _noise_image(tmp_path / "malignant" / f"m{i}.png", 50 + i)
     shutil.copy(tmp_path / "benign" / "b0.png", tmp_path / "malignant" / "same_as_b0.png")
-    split = splits.grouped_split(data.scan(tmp_path), val=0.25, test=0.25)
+    dataset = data.scan(tmp_path)
+    # the audit counts what the split drops, and says what to do about it
+    report = audit.audit(dataset)
+    assert report["label_conflicts"] == [["benign/b0.png", "malignant/same_as_b0.png"]]
+    text = audit.format_report(report)
+    assert "duplicate groups with conflicting labels: 1  (exact copies" in text
+    assert "check the labels" in text
+    assert "conflicting labels: benign/b0.png | malignant/same_as_b0.png" in text
+    split = splits.grouped_split(dataset, val=0.25, test=0.25)
     assert split.dropped == {
         "benign/b0.png": "duplicates disagree on the label",
         "malignant/same_as_b0.png": "duplicates disagree on the label",

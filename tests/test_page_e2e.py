@@ -172,6 +172,18 @@ def test_page_classifies_an_image_like_the_api(page, served, base_url, tmp_path)
 
     heatmap = page.locator("#heatmap")
     expect(heatmap).to_be_visible()
+    # the colour scale stands beside the heatmap, at its height
+    scale = page.locator("#colour-scale")
+    expect(scale).to_be_visible()
+    h, c = heatmap.bounding_box(), scale.bounding_box()
+    assert c["x"] >= h["x"] + h["width"] - 1 and c["y"] < h["y"] + h["height"]
+    assert "strongest" in scale.inner_text() and "weakest" in scale.inner_text()
+    # this model classifies whole frames: the page says why there is no box tool
+    expect(page.locator("#roi-absent")).to_contain_text("not trained on nodule crops")
+    expect(page.locator("#roi-panel")).to_be_hidden()
+    # an in-distribution answer is not marked unreliable
+    if api.json()["ood"]["in_distribution"]:
+        expect(page.locator("#unreliable")).to_be_hidden()
     assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
     page.wait_for_function("document.getElementById('heatmap').complete")
     assert page.evaluate("document.getElementById('heatmap').naturalWidth") > 0
@@ -247,3 +259,25 @@ def test_page_flags_an_image_out_of_distribution(page, served, base_url, tmp_pat
     expect(flag).to_be_visible()
     expect(flag).to_contain_text("Out of distribution")
     assert "out of distribution" in page.inner_text("#ood-check").lower()
+    # the prediction under it is greyed and labelled, not left in large type
+    expect(page.locator("#unreliable")).to_be_visible()
+    expect(page.locator("#unreliable")).to_have_text("Not reliable: out of distribution")
+    expect(page.locator("#prediction-panel")).to_have_class(re.compile(r"\bunreliable\b"))
+    label = page.locator("#prediction-panel .prediction-body > .result-label")
+    assert label.evaluate("e => getComputedStyle(e).textDecorationLine") == "line-through"
+    assert float(page.locator(".prediction-body").evaluate("e => getComputedStyle(e).opacity")) < 1
+    page.screenshot(path=str(tmp_path / "ood.png"), full_page=True)
+
+    # and the next in-distribution-looking image is shown plainly again
+    _classify(page, served.predict_key, nodule)
+    if api.json()["ood"]["in_distribution"]:
+        expect(page.locator("#ood-check")).to_contain_text("in distribution")
+        expect(page.locator("#unreliable")).to_be_hidden()
+        expect(page.locator("#prediction-panel")).not_to_have_class(re.compile("unreliable"))
+
+
+def test_page_has_an_icon(page, base_url):
+    href = page.locator("link[rel=icon]").get_attribute("href")
+    assert href == "/favicon.ico"
+    icon = page.request.get(base_url + href)  # the browser's own client, not the page's
+    assert icon.status == 200 and icon.headers["content-type"] == "image/x-icon"

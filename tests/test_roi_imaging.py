@@ -180,6 +180,14 @@ def test_proposal_is_the_largest_component_on_the_frame():
     # within a box drawn around the speck, the speck is the nodule
     speck = nodule.propose(prob, geometry, within=(130 + 10, 80 + 150, 40, 40)).box
     assert speck is not None and speck[2] < 20 and speck[1] >= 80 + 150
+    # a box drawn tighter than the nodule (cutting its sides) measures the whole nodule:
+    # clipped, a 14 x 10 cell nodule in a box 5 cells wide read as taller than wide
+    tight = (round(130 + 34 * scale), round(80 + 18 * scale), round(5 * scale), round(14 * scale))
+    drawn = nodule.propose(prob, geometry, within=tight)
+    assert drawn.box == proposal.box
+    assert nodule.shape(drawn.mask) == nodule.shape(proposal.mask)
+    assert nodule.shape(drawn.mask)["taller_than_wide"] is False
+    assert nodule.propose(prob, geometry, within=(130, 80, 20, 20)).box is None  # empty box
 
 
 def test_shape_taller_than_wide_area_and_mm():

@@ -41,6 +41,12 @@ def test_page_draws_the_localisers_box_and_takes_a_drawn_one(  # noqa: F811
     page.set_input_files("#file", str(image))
     expect(page.locator("#roi-panel")).to_be_visible()
     assert page.locator("label[for='roi-input']").count() == 1
+    expect(page.locator("#roi-absent")).to_be_hidden()  # this model has the box tool
+    # the "Nodule box" heading stands clear of the form row's hints above it
+    title = page.locator("#roi-title").bounding_box()
+    for hint in ("#api-key-hint", "#file-hint", "#heatmap-class-hint"):
+        above = page.locator(hint).bounding_box()
+        assert title["y"] - (above["y"] + above["height"]) >= 12, hint
 
     # No box: the localiser's, drawn over the result, named as such.
     page.click("#classify")

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -204,6 +205,29 @@ def test_openapi_page_lists_the_routes(client):
     for path in ("/v1/predict", "/v1/models", "/v1/requests", "/v2/models/{name}/infer"):
         assert path in spec["paths"]
     assert client.get("/docs").status_code == 200
+    # /docs lists an operation once per tag it has: one tag each, or it is listed twice
+    # (/v1/requests was, under "v1" and "admin")
+    tags = {f"{m} {p}": op.get("tags") for p, ops in spec["paths"].items() for m, op in ops.items()}
+    assert {k: t for k, t in tags.items() if len(t or []) != 1} == {}
+
+
+def test_favicon_is_served_without_a_key(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
+    assert Image.open(io.BytesIO(r.content)).format == "ICO"
+    assert "/favicon.ico" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_page_colour_scale_matches_the_overlay_colours(client):
+    """The page's colour scale beside the heatmap draws the overlay's own ramp."""
+    from service.inference.heatmaps import COLOUR_STOPS
+
+    html = client.get("/").text
+    ramp = re.search(r"linear-gradient\(to top, ([^)]*)\)", html).group(1)
+    assert [c.strip() for c in ramp.split(",")] == [
+        "#{:02x}{:02x}{:02x}".format(*stop) for stop in COLOUR_STOPS
+    ]
+    assert 'href="/favicon.ico"' in html
 
 
 def test_openapi_describes_auth_errors_and_content_types(client):

@@ -23,12 +23,23 @@ _DICOM_CM = 3
 _DICOM_2D = 1
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a boolean mask (all False if none)."""
+def largest_component(mask: np.ndarray, within: Box | None = None) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask (all False if none).
+
+    With `within` (x, y, w, h), the component with the most pixels inside that box, kept
+    whole: a box drawn a little tight must not cut the outline, or the nodule's width and
+    depth (taller than wide) would be the box's, not the nodule's.
+    """
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
         return np.zeros(mask.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())[1:]
+    counted = labels
+    if within is not None:
+        x, y, w, h = within
+        counted = labels[y : y + h, x : x + w]
+    sizes = np.bincount(counted.ravel(), minlength=n + 1)[1:]
+    if sizes.max() == 0:  # nothing inside the box
+        return np.zeros(mask.shape, dtype=bool)
     return labels == int(np.argmax(sizes)) + 1
 
 
@@ -58,17 +69,13 @@ def propose(
 ) -> Proposal:
     """Localiser output over its square input -> the nodule's box and mask on the frame.
 
-    With `within` (a box the user drew), only the part of the map inside it counts: the
-    outline of the nodule the user marked, for its shape.
+    With `within` (a box the user drew), the outline the box holds most of, whole: the
+    nodule the user marked, for its shape. (Clipping the outline to the box made "taller
+    than wide" follow the drawn box's own proportions whenever it cut the nodule, so it
+    flipped between the proposed box and a drawn one.)
     """
     full = to_original(np.asarray(probability, dtype=np.float32), geometry)
-    above = full > threshold
-    if within is not None:
-        x, y, w, h = within
-        inside = np.zeros_like(above)
-        inside[y : y + h, x : x + w] = True
-        above &= inside
-    mask = largest_component(above)
+    mask = largest_component(full > threshold, within)
     score = float(full[mask].max()) if mask.any() else 0.0
     return Proposal(box_of(mask), mask, score)
 

@@ -133,6 +133,10 @@ def leakage_groups(
     return Leakage(exact, near, pairs, dict(by_case), [uf.find(i) for i in range(n)])
 
 
+def _one_case(case_ids: list[str | None]) -> bool:
+    return all(case_ids) and len(set(case_ids)) == 1
+
+
 def audit(dataset: Dataset, max_bits: int = NEAR_DUPLICATE_BITS) -> dict:
     """Everything a person should know about a dataset before training on it."""
     infos = inspect_all(dataset)
@@ -159,7 +163,11 @@ def audit(dataset: Dataset, max_bits: int = NEAR_DUPLICATE_BITS) -> dict:
                 entry["case_id"] = records[group[0]].case_id
             cross.append(entry)
 
-    conflicts = [paths(g) for g in exact + near if len({records[i].label for i in g}) > 1]
+    # Only direct links, as the split drops them (see Leakage.label_conflicts).
+    # (an exact copy is also a near pair at 0 bits: list it once)
+    conflicts = {tuple(paths(g)) for g in leakage.label_conflicts([r.label for r in records])}
+    # Frames of one manifest case are expected to look alike; other groups need a look.
+    unexplained = [g for g in near if not _one_case([records[i].case_id for i in g])]
     sizes = Counter(f"{info.size[0]}x{info.size[1]}" for info in infos if info.size)
     return {
         "root": str(dataset.root),
@@ -180,14 +188,18 @@ def audit(dataset: Dataset, max_bits: int = NEAR_DUPLICATE_BITS) -> dict:
         ],
         "exact_duplicate_groups": sorted(paths(g) for g in exact),
         "near_duplicate_groups": sorted(paths(g) for g in near),
+        "near_duplicate_groups_across_cases": sorted(paths(g) for g in unexplained),
         "near_duplicate_max_bits": max_bits,
         "cross_split_groups": cross,
-        "label_conflicts": sorted(conflicts),
+        "label_conflicts": [list(g) for g in sorted(conflicts)],
     }
 
 
 def format_report(report: dict) -> str:
-    """The audit as a short human-readable text."""
+    """The audit as a short human-readable text: each finding says what it is and what to do."""
+    exact, near = report["exact_duplicate_groups"], report["near_duplicate_groups"]
+    across, bits = report["near_duplicate_groups_across_cases"], report["near_duplicate_max_bits"]
+    conflicts, leaks = report["label_conflicts"], report["cross_split_groups"]
     lines = [
         f"dataset {report['root']}  (fingerprint {report['fingerprint']})",
         f"images: {report['images']}  classes: {report['classes']}",
@@ -200,13 +212,35 @@ def format_report(report: dict) -> str:
             for s, counts in report["sources"].items()
         ),
         f"unreadable files: {len(report['unreadable'])}",
-        f"exact duplicate groups: {len(report['exact_duplicate_groups'])}",
-        f"near duplicate groups (<= {report['near_duplicate_max_bits']} bits): "
-        f"{len(report['near_duplicate_groups'])}",
-        f"groups crossing splits (leaks): {len(report['cross_split_groups'])}",
-        f"duplicate groups with conflicting labels: {len(report['label_conflicts'])}",
+        f"exact duplicate groups: {len(report['exact_duplicate_groups'])}"
+        + ("  (byte-identical files: training keeps one of each)" if exact else ""),
+        f"near duplicate groups: {len(near)}  (images whose perceptual hash of the cropped "
+        f"frame differs in at most {bits} of 64 bits, linked transitively: re-saved or "
+        "re-scaled copies, or adjacent frames of one nodule)",
+        f"  within one manifest case: {len(near) - len(across)}  (frames of one nodule: "
+        "expected; the split keeps them together)",
+        f"  joining different cases or images without a case: {len(across)}"
+        + (
+            "  (check them below: if they show one nodule, give them one case_id in the "
+            "manifest; the split keeps each group on one side either way)"
+            if across
+            else ""
+        ),
+        f"groups crossing splits (leaks): {len(report['cross_split_groups'])}"
+        + ("  (a duplicate or a case on both sides of a given split)" if leaks else ""),
+        f"duplicate groups with conflicting labels: {len(conflicts)}"
+        + (
+            "  (exact copies or direct near-duplicate pairs whose labels differ: one label is "
+            "wrong or the images are not one nodule; training drops them, check the labels)"
+            if conflicts
+            else ""
+        ),
     ]
-    for entry in report["cross_split_groups"][:20]:
+    for group in across[:20]:
+        lines.append(f"  near duplicates across cases: {' | '.join(group)}")
+    for group in conflicts[:20]:
+        lines.append(f"  conflicting labels: {' | '.join(group)}")
+    for entry in leaks[:20]:
         lines.append(f"  leak [{entry['kind']}] {' | '.join(entry['paths'])}")
     for item in report["unreadable"][:20]:
         lines.append(f"  unreadable {item['path']}: {item['error']}")

@@ -516,8 +516,10 @@ def export_run(run_id: str, out_dir: Path) -> dict:
             extra.update(roi.export_bundle(info["roi"], local, Path(out_dir)))
         if "test_shortcut_auc" in run.data.metrics:
             extra["shortcut_auc"] = run.data.metrics["test_shortcut_auc"]
+        # the localiser the model bundles proposes the crops it is served without a box
+        localiser = roi.load_localiser(local) if (info.get("roi") or {}).get("localiser") else None
         fitted = ood.reference_for_run(
-            model, info, run.data.params, split_path, holdout_path, rois_path
+            model, info, run.data.params, split_path, holdout_path, rois_path, localiser
         )
         reference, val_images = fitted if fitted else (None, None)
         card = export_model(

@@ -16,7 +16,10 @@ graph carries without custom operators.
 
 The threshold is the 95th percentile of the score on the run's VALIDATION images,
 scored by the exported graph itself: about 5 % of images like the validation set are
-flagged by design. Images are prepared exactly as in training (ROI crops included).
+flagged by design. Images are prepared exactly as in training (ROI crops included), and
+as they will be served: a model trained on annotated boxes that bundles a localiser is
+also fitted and thresholded on the localiser's crops of those images, which the service
+classifies when a frame comes without a box.
 """
 
 from __future__ import annotations
@@ -162,9 +165,13 @@ def reference_for_run(
     split_path: str | None,
     holdout_path: str | None,
     rois_path: str | None,
+    localiser: roi.Localiser | None = None,
 ) -> tuple[Reference, np.ndarray] | None:
     """(Reference fitted on the run's training images, its validation images), or None
-    when the run's data is no longer where it was trained (old runs, moved data)."""
+    when the run's data is no longer where it was trained (old runs, moved data).
+
+    With the localiser a ROI model bundles, images cropped to an annotation count twice,
+    on both crops the service may classify (roi.served_crops)."""
     root = Path(params.get("data", ""))
     sides = run_sides(split_path, holdout_path)
     if not root.is_dir() or not sides.get("train") or not sides.get("val"):
@@ -184,19 +191,30 @@ def reference_for_run(
     size = int(info["image_size"])
     crop = roi.read_rois(rois_path)
     names = list(info["class_names"])
-    labels = np.array([names.index(label_of[rel]) for rel in train])
-    images = load_side(root, train, size, crop)
+    served = roi.served_crops(rois_path, localiser, root, train + val)
+    proposed_train = [rel for rel in train if rel in served]
+    proposed_val = [rel for rel in val if rel in served]
+    labels = np.array([names.index(label_of[rel]) for rel in train + proposed_train])
+    images = np.concatenate(
+        [load_side(root, train, size, crop)]
+        + ([load_side(root, proposed_train, size, served.get)] if proposed_train else [])
+    )
     features = models.feature_extractor(model).predict(
         images.astype("float32"), batch_size=32, verbose=0
     )
     reference = fit(features, labels, len(names))
     log.info(
-        "OOD reference: %d training images, %d features, Ledoit-Wolf shrinkage %.3f",
+        "OOD reference: %d training images (%d also on the localiser's crop), %d features, "
+        "Ledoit-Wolf shrinkage %.3f",
         len(train),
+        len(proposed_train),
         features.shape[1],
         reference.shrinkage,
     )
-    return reference, load_side(root, val, size, crop)
+    val_images = [load_side(root, val, size, crop)]
+    if proposed_val:
+        val_images.append(load_side(root, proposed_val, size, served.get))
+    return reference, np.concatenate(val_images)
 
 
 def card_block(reference: Reference, val_scores: np.ndarray) -> dict:

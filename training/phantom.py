@@ -93,6 +93,7 @@ class _Nodule:
 class _Case:
     label: str
     convex: bool
+    curvature: float  # convex probe: radius of the probe face / half the FOV width
     fov: tuple[float, float, float, float]  # top, bottom, left, right (fractions)
     lobe: tuple[float, float, float, float]  # cx, cy, ax, ay (fractions)
     carotid: tuple[float, float, float] | None  # cx, cy, r
@@ -103,6 +104,7 @@ class _Case:
     fat: float  # bottom of subcutaneous fat
     muscle_phase: float
     texture: np.ndarray  # coarse low-frequency echogenicity variation (8x8)
+    shading: np.ndarray  # very coarse gain over the whole frame (3x3, nepers): probe contact
     alpha: float  # attenuation over the full FOV depth, nepers
     dyn_range: float  # dB
     gain: float  # dB offset
@@ -216,11 +218,11 @@ def _sample_case(label: str, rng: np.random.Generator) -> _Case:
     depth = bottom - top
 
     skin = float(rng.uniform(0.015, 0.03))
-    fat = skin + float(rng.uniform(0.03, 0.06))
-    lax = float(rng.uniform(0.24, 0.32))
-    lay = float(rng.uniform(0.17, 0.22))
-    lcx = float(rng.uniform(0.45, 0.55))
-    lcy = top + fat * depth + 0.1 + lay + float(rng.uniform(0.0, 0.04))
+    fat = skin + float(rng.uniform(0.02, 0.1))
+    lax = float(rng.uniform(0.2, 0.34))
+    lay = float(rng.uniform(0.14, 0.24))
+    lcx = float(rng.uniform(0.35, 0.65))
+    lcy = top + fat * depth + 0.1 + lay + float(rng.uniform(0.0, 0.1))
 
     nodule = None
     if label != "normal":
@@ -233,8 +235,8 @@ def _sample_case(label: str, rng: np.random.Generator) -> _Case:
     side = 1.0 if rng.random() < 0.5 else -1.0  # carotid lateral, trachea medial
     carotid = None
     if rng.random() < 0.7:
-        r = float(rng.uniform(0.06, 0.085))
-        carotid = (lcx + side * (lax + r * 0.3), lcy + lay * 0.45, r)
+        r = float(rng.uniform(0.05, 0.1))
+        carotid = (lcx + side * (lax + r * 0.3), lcy + lay * float(rng.uniform(0.0, 0.8)), r)
     trachea = None
     if rng.random() < 0.35:
         r = float(rng.uniform(0.09, 0.13))
@@ -268,6 +270,7 @@ def _sample_case(label: str, rng: np.random.Generator) -> _Case:
     return _Case(
         label=label,
         convex=convex,
+        curvature=float(rng.uniform(1.1, 2.0)),
         fov=(top, bottom, left, right),
         lobe=(lcx, lcy, lax, lay),
         carotid=carotid,
@@ -277,8 +280,10 @@ def _sample_case(label: str, rng: np.random.Generator) -> _Case:
         skin=skin,
         fat=fat,
         muscle_phase=float(rng.uniform(0, 2 * np.pi)),
-        texture=rng.normal(0.0, 1.0, size=(8, 8)),
-        alpha=float(rng.uniform(0.8, 1.6)),
+        texture=rng.normal(0.0, float(rng.uniform(1.0, 3.0)), size=(8, 8)),
+        # mostly lateral (uneven probe contact), so depth still darkens the frame
+        shading=rng.normal(0.0, 1.0, size=(1, 3)) + rng.normal(0.0, 0.3, size=(3, 3)),
+        alpha=float(rng.uniform(0.6, 2.0)),
         dyn_range=float(rng.uniform(55.0, 65.0)),
         gain=float(rng.uniform(-3.0, 3.0)),
         text=text,
@@ -407,7 +412,7 @@ def _render(case: _Case, rng: np.random.Generator, s: int, shift: tuple[float, f
     if case.convex:
         cxp = (l_px + r_px) / 2
         half = (r_px - l_px) / 2
-        radius0 = half * 1.3  # radius of curvature of the probe face
+        radius0 = half * case.curvature  # radius of curvature of the probe face
         apex_y = t_px - radius0 * np.cos(np.arcsin(min(half * 0.55 / radius0, 0.99)))
         rr = np.hypot(xx - cxp, yy - apex_y)
         ang = np.arctan2(xx - cxp, yy - apex_y)
@@ -513,7 +518,7 @@ def _render(case: _Case, rng: np.random.Generator, s: int, shift: tuple[float, f
     env = np.sqrt(power / (np.mean(power) + np.float32(1e-12)))
 
     # ---- attenuation, log compression, display ----------------------------------
-    inten = echo * env * np.exp(-case.alpha * depth)
+    inten = echo * env * np.exp(_upsample(case.shading, s) - case.alpha * depth)
     db = 20.0 * np.log10(inten + np.float32(1e-6)) + np.float32(case.gain)
     # mean parenchyma sits about 62 % up the dynamic range
     img = np.clip((db / case.dyn_range + 0.62) * 255.0, 0.0, 255.0)

@@ -285,6 +285,25 @@ def read_rois(path: str | None):
     return crop
 
 
+def served_crops(rois_path: str | None, localiser: Localiser | None, root: Path, rels: list[str]):
+    """rel -> (box, margin) of the localiser's proposal, for the images among `rels` that
+    training cropped to an annotated box: what the service classifies when such an image
+    comes without a box. Empty without a localiser or annotated crops.
+
+    The OOD reference and its threshold take these crops beside the annotated ones, or
+    a model trained on annotations flags most of its own images served without a box
+    (28 of 40 demo frames: a localiser's box is not an annotator's).
+    """
+    if localiser is None or not rois_path:
+        return {}
+    table = json.loads(Path(rois_path).read_text())
+    annotated = [r for r in rels if (table["rois"].get(r) or {}).get("source") == "annotation"]
+    paths = [root / r for r in annotated]
+    boxes = propose_all(paths, [sha256_file(p) for p in paths], localiser)
+    margin = float(table["margin"])
+    return {r: (box, margin) for r, box in zip(annotated, boxes, strict=True)}
+
+
 def export_bundle(roi_info: dict, model_dir: Path, out_dir: Path) -> dict:
     """Copy the localiser a run bundled into an export folder; the card's ROI fields.
 

@@ -21,12 +21,14 @@ from thyroid_cad import imaging
 
 MAX_PIXELS = 1920 * 1080  # full HD: the most a screen shows of one heatmap
 
+# The overlay's ramp, low to high: dark blue, blue, green, yellow, red. The page's colour
+# scale (static/index.html, #colour-scale) draws the same stops; a test keeps them equal.
+COLOUR_STOPS = ((0, 0, 128), (0, 128, 255), (0, 220, 120), (255, 230, 0), (220, 0, 0))
+
 
 def _colormap(values: np.ndarray) -> np.ndarray:
     """0..1 floats -> RGB uint8 with a perceptually ordered blue-green-yellow-red ramp."""
-    stops = np.array(
-        [[0, 0, 128], [0, 128, 255], [0, 220, 120], [255, 230, 0], [220, 0, 0]], dtype=np.float64
-    )
+    stops = np.array(COLOUR_STOPS, dtype=np.float64)
     x = np.clip(values, 0, 1) * (len(stops) - 1)
     i = np.minimum(np.floor(x).astype(int), len(stops) - 2)
     t = (x - i)[..., None]

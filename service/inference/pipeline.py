@@ -70,7 +70,7 @@ def locate(
     """The box a ROI model classifies: the user's, else its localiser's proposal.
 
     None for whole-frame models (which refuse a box). The shape comes from the
-    localiser's outline of the nodule (inside the user's box when there is one).
+    localiser's outline of the nodule (the one the user's box holds, when there is one).
 
     Raises:
         ApiError: 400 for a box outside the image or of zero size, a box sent to a

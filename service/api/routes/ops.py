@@ -76,6 +76,12 @@ def metrics(request: Request):
     return PlainTextResponse(generate_latest(m.registry), media_type="text/plain; version=0.0.4")
 
 
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon():
+    """The page's icon (browsers ask for it on every page; a 404 would fill the logs)."""
+    return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon")
+
+
 @router.get("/", include_in_schema=False)
 def page():
     index = STATIC / "index.html"

@@ -475,7 +475,7 @@ def _when(value: str | None, name: str) -> datetime | None:
         )
 
 
-@router.get("/v1/requests", tags=["admin"], responses=errors(400, 401, 403, 422, 503))
+@router.get("/v1/requests", responses=errors(400, 401, 403, 422, 503))
 def requests(
     request: Request,
     key: AdminKey,
