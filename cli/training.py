@@ -5,49 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from cli.common import app, fail, log, start_tensorflow, user_errors
-
-
-class Backbone(StrEnum):
-    tiny = "tiny"
-    vgg16 = "vgg16"
-    vgg19 = "vgg19"
-    resnet50 = "resnet50"
-    efficientnetb0 = "efficientnetb0"
-
-
-class Strategy(StrEnum):
-    frozen = "frozen"
-    partial = "partial"
-    full = "full"
-    two_phase = "two-phase"
-
-
-class Classifier(StrEnum):
-    softmax = "softmax"
-    svm = "svm"
-    rf = "rf"
-
-
-class ClassWeights(StrEnum):
-    global_ = "global"
-    source = "source"
-
+from training import choices
 
 # `train` options that are not TrainConfig fields.
 _NOT_FIELDS = ("config", "progressive_via", "via_epochs", "via_max_images")
 
 
 def _plain(value):
-    """An option's value as TrainConfig holds it (enum -> its value, path -> str)."""
-    if isinstance(value, Enum):
-        return value.value
+    """An option's value as TrainConfig holds it (a path as str)."""
     return str(value) if isinstance(value, Path) else value
 
 
@@ -72,23 +43,22 @@ def _options(ctx: typer.Context, config: Path | None) -> dict:
     return {**values, **{k: v for k, v in from_file.items() if k not in given}}
 
 
-class Roi(StrEnum):
-    off = "off"
-    annotations = "annotations"
-    localiser = "localiser"
-
-
 @app.command()
 def train(
     ctx: typer.Context,
     data: Annotated[
         Path | None, typer.Option(help="Dataset root (or `data:` in the --config file).")
     ] = None,
-    backbone: Annotated[Backbone, typer.Option(help="Convolutional base.")] = Backbone.tiny,
-    strategy: Annotated[Strategy, typer.Option(help="Fine-tuning strategy.")] = Strategy.full,
+    backbone: Annotated[
+        Literal[choices.BACKBONES], typer.Option(help="Convolutional base.")
+    ] = "tiny",
+    strategy: Annotated[
+        Literal[choices.STRATEGIES], typer.Option(help="Fine-tuning strategy.")
+    ] = "full",
     classifier: Annotated[
-        Classifier, typer.Option(help="Head: softmax, or SVM / RF on pooled features.")
-    ] = Classifier.softmax,
+        Literal[choices.CLASSIFIERS],
+        typer.Option(help="Head: softmax, or SVM / RF on pooled features."),
+    ] = "softmax",
     epochs: Annotated[int, typer.Option(help="Training epochs (two-phase: both phases).")] = 10,
     image_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 224,
     weights: Annotated[
@@ -112,12 +82,12 @@ def train(
         int | None, typer.Option(help="Stratified subsample of the dataset (quick runs).")
     ] = None,
     class_weights: Annotated[
-        ClassWeights,
+        Literal[choices.CLASS_WEIGHTINGS],
         typer.Option(
             help="'global': classes balanced over the training set; 'source': balanced "
             "within every image source (scanner), each source weighing the same."
         ),
-    ] = ClassWeights.global_,
+    ] = "global",
     scanner_augment: Annotated[
         bool,
         typer.Option(
@@ -148,12 +118,12 @@ def train(
         int | None, typer.Option(help="Subsample of the intermediate dataset.")
     ] = None,
     roi: Annotated[
-        Roi,
+        Literal[choices.ROI_MODES],
         typer.Option(
             help="Nodule-centred input: off (whole frame), annotations (annotated box, the "
             "localiser's for the rest) or localiser (its box everywhere)."
         ),
-    ] = Roi.off,
+    ] = "off",
     roi_margin: Annotated[
         float, typer.Option(help="Context around the ROI per side, fraction of its longer side.")
     ] = 0.3,
