@@ -8,15 +8,17 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, log, user_errors
+from cli.common import app, group, log, user_errors
 
-data_app = typer.Typer(help="Inspect and split datasets.", no_args_is_help=True)
+data_app = group("Inspect and split datasets.")
 app.add_typer(data_app, name="data")
 
 
 @app.command("demo-data")
 def demo_data(
-    out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset to.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Folder to write the phantom dataset to.")
+    ],
     per_class: Annotated[int, typer.Option(help="Images per class.")] = 100,
     classes: Annotated[int, typer.Option(help="2 (benign/malignant) or 3 (+ normal).")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
@@ -34,7 +36,10 @@ def demo_data(
 @data_app.command("audit")
 def data_audit(
     root: Annotated[
-        Path, typer.Argument(help="Dataset root: ROOT/<class>/* or ROOT/<split>/<class>/*.")
+        Path,
+        typer.Argument(
+            metavar="ROOT", help="Dataset root: ROOT/<class>/* or ROOT/<split>/<class>/*."
+        ),
     ],
     manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
@@ -49,7 +54,7 @@ def data_audit(
 
 @data_app.command("split")
 def data_split(
-    root: Annotated[Path, typer.Argument(help="Dataset root.")],
+    root: Annotated[Path, typer.Argument(metavar="ROOT", help="Dataset root.")],
     out: Annotated[Path, typer.Option(help="Where to write the split JSON.")] = Path("split.json"),
     manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,

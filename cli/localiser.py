@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
+from cli.common import (
+    app,
+    check_paths,
+    existing_store,
+    fail,
+    group,
+    log,
+    progress_hidden,
+    user_errors,
+)
 
-localiser_app = typer.Typer(
-    help="Train and export the nodule localiser (proposes the ROI the classifier sees).",
-    no_args_is_help=True,
+localiser_app = group(
+    "Train and export the nodule localiser (proposes the ROI the classifier sees)."
 )
 app.add_typer(localiser_app, name="localiser")
 
@@ -46,6 +52,10 @@ def localiser_train(
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad-localiser",
 ):
     """Train the localiser on nodule outlines / lesion masks; prints the run id last."""
+    for root in data or []:
+        check_paths(data=root)
+    for csv in annotations or []:
+        check_paths(annotations=csv)
     from training.annotations import ANNOTATION_NAMES, find_annotations
     from training.localiser import LocaliserConfig, train_localiser
 
@@ -71,22 +81,23 @@ def localiser_train(
             max_images=max_images,
             experiment=experiment,
         )
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         run_id = train_localiser(cfg)
     typer.echo(run_id)
 
 
 @localiser_app.command("export")
 def localiser_export(
-    run_id: Annotated[str, typer.Argument(help="Localiser training run.")],
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="Localiser training run.")],
     out: Annotated[
         Path, typer.Option(help="Folder for localiser.onnx and localiser_card.json.")
     ] = Path("localiser"),
 ):
     """Copy a localiser run's ONNX file and card (exported and parity-checked at training)."""
+    existing_store()
     from training import localiser, tracking
 
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         tracking.setup_uri()
         card = localiser.export_run(run_id, out)
     log.info("localiser parity: %s", json.dumps(card["parity"]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,33 +9,17 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
+from cli.common import app, fail, group, log, service_database, user_errors
 
-outcomes_app = typer.Typer(
-    help="Outcomes (Bethesda cytology, histology) of earlier requests (docs/safety.md).",
-    no_args_is_help=True,
+outcomes_app = group(
+    "Outcomes (Bethesda cytology, histology) of earlier requests (docs/safety.md)."
 )
-performance_app = typer.Typer(
-    help="Live performance of a model version against recorded outcomes (docs/safety.md).",
-    no_args_is_help=True,
+performance_app = group(
+    "Live performance of a model version against recorded outcomes (docs/safety.md)."
 )
 app.add_typer(outcomes_app, name="outcomes")
 app.add_typer(performance_app, name="performance")
 IMPORTED_BY = "csv-import"
-
-
-@contextlib.contextmanager
-def _database():
-    """The service's database (THYROID_CAD_DATABASE_URL / DATABASE_URL), migrated."""
-    from service.config import get_settings
-    from service.store.db import Database
-
-    db = Database(get_settings().audit_url())
-    try:
-        db.migrate()
-        yield db
-    finally:
-        db.dispose()
 
 
 @outcomes_app.command("import")
@@ -44,6 +27,7 @@ def outcomes_import(
     file: Annotated[
         Path,
         typer.Argument(
+            metavar="FILE",
             help="CSV with the columns request_id,kind,pathology,date (kind bethesda with "
             "pathology I..VI, or histology with benign|malignant; date YYYY-MM-DD).",
             exists=True,
@@ -58,7 +42,7 @@ def outcomes_import(
 
     with user_errors():
         text = file.read_text(encoding="utf-8-sig")
-        with _database() as db:
+        with service_database(create=True) as db:
             reports, written = OutcomeStore(db).import_csv(text, IMPORTED_BY)
     for r in reports:
         typer.echo(
@@ -101,7 +85,7 @@ def performance_log(
         name, alias, _ = store.parse_uri(get_settings().model)
         ref = f"{name}/{model_version}" if model_version else f"{name}@{alias}"
         resolved = store.resolve(ref)
-        with _database() as db:
+        with service_database(create=False) as db:
             report = performance.compute(
                 OutcomeStore(db), resolved.card, name, resolved.version, start
             )

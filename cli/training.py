@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
-from cli.common import app, fail, log, start_tensorflow, user_errors
+from cli.common import (
+    app,
+    check_paths,
+    existing_store,
+    fail,
+    log,
+    progress_hidden,
+    start_tensorflow,
+    user_errors,
+)
 from training import choices
 
 # `train` options that are not TrainConfig fields.
@@ -158,6 +165,14 @@ def train(
     ] = None,
 ):
     """Train one model and log it to MLflow; prints the run id last."""
+    check_paths(
+        data=data,
+        config=config,
+        manifest=manifest,
+        annotations=annotations,
+        progressive_via=progressive_via,
+        weights=None if weights in ("imagenet", "none", "") else weights,
+    )
     start_tensorflow()
     from training.train import TrainConfig, train_progressive
     from training.train import train as run
@@ -168,7 +183,7 @@ def train(
             raise ValueError("no dataset: give --data ROOT or `data:` in the --config file")
         via, via_epochs, via_max_images = (values.pop(k, None) for k in _NOT_FIELDS[1:])
         cfg = TrainConfig(**{k: v for k, v in values.items() if k not in _NOT_FIELDS})
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         if via:
             run_id = train_progressive(cfg, via, via_epochs, None, via_max_images)
         else:
@@ -179,19 +194,21 @@ def train(
 @app.command()
 def sweep(
     config: Annotated[
-        Path, typer.Argument(help="YAML sweep configuration (see docs/training.md).")
+        Path,
+        typer.Argument(metavar="CONFIG", help="YAML sweep configuration (see docs/training.md)."),
     ],
     fresh: Annotated[
         bool, typer.Option(help="Start a new sweep instead of resuming an unfinished one.")
     ] = False,
 ):
     """Train a grid of backbone x strategy x classifier x stage; prints the parent run id last."""
+    check_paths(config=config)
     start_tensorflow()
     from training import sweep as sweeps
 
     with user_errors():
         spec = sweeps.load_config(config)
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         parent_id, table = sweeps.run_sweep(spec, resume=not fresh)
     typer.echo(table)
     typer.echo(parent_id)
@@ -199,17 +216,20 @@ def sweep(
 
 @app.command()
 def export(
-    run_id: Annotated[str, typer.Argument(help="Training run (or progressive / sweep parent).")],
+    run_id: Annotated[
+        str, typer.Argument(metavar="RUN_ID", help="Training run (or progressive / sweep parent).")
+    ],
     out: Annotated[Path, typer.Option(help="Folder for model.onnx and model_card.json.")] = Path(
         "export"
     ),
 ):
     """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card."""
+    existing_store()
     start_tensorflow()
     from training import export as exporter
     from training import tracking
 
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         tracking.setup_uri()
         card = exporter.export_run(run_id, out)
     parity = card["parity"]

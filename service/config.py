@@ -9,11 +9,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import onnxruntime as ort
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.inference.models import GRAPH_OPTIMIZATION, GraphOptimization, IoBinding, Runtime
+from service.inference.runtime import GRAPH_OPTIMIZATION, GraphOptimization, IoBinding, Runtime
 from thyroid_cad import settings as paths
 
 
@@ -78,6 +77,8 @@ class Settings(BaseSettings):
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, providers: list[str]) -> list[str]:
+        import onnxruntime as ort  # only when the variable is set: the default is known
+
         known = ort.get_all_providers()
         unknown = [p for p in providers if p not in known]
         if unknown:
@@ -111,11 +112,15 @@ class Settings(BaseSettings):
         None, ge=1, description="Multi-frame instances: the frame scored (default the first)."
     )
 
+    def local_database(self) -> Path | None:
+        """The SQLite file of the database, unless DATABASE_URL names another."""
+        return None if self.database_url else paths.home() / "requests.db"
+
     def audit_url(self) -> str:
         if self.database_url:
             return self.database_url  # a folder missing here is an outage, not ours to make
         paths.home().mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{paths.home() / 'requests.db'}"
+        return f"sqlite:///{self.local_database()}"
 
     def audit_spool(self) -> Path:
         return self.spool_dir or paths.home() / "audit-spool"
