@@ -30,14 +30,14 @@ def outcomes_import(
             metavar="FILE",
             help="CSV with the columns request_id,kind,pathology,date (kind bethesda with "
             "pathology I..VI, or histology with benign|malignant; date YYYY-MM-DD).",
-            exists=True,
-            dir_okay=False,
         ),
     ],
 ):
     """Import outcomes. Every row is validated first; any bad row: nothing is written, a
     report per row, exit 1. Else all rows are written in one transaction (entered by
     'csv-import'); a row equal to the latest outcome of its request changes nothing."""
+    if not file.is_file():
+        raise fail(f"{file}: no such file")
     from service.store.outcomes import OutcomeStore
 
     with user_errors():

@@ -12,7 +12,13 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.inference.runtime import GRAPH_OPTIMIZATION, GraphOptimization, IoBinding, Runtime
+from service.inference.runtime import (
+    DEFAULT_PROVIDERS,
+    GRAPH_OPTIMIZATION,
+    GraphOptimization,
+    IoBinding,
+    Runtime,
+)
 from thyroid_cad import settings as paths
 
 
@@ -29,7 +35,7 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(30.0, gt=0, description="How often the aliases are re-resolved.")
     max_loaded_models: int = Field(4, ge=1, description="Bound on sessions held in memory.")
     providers: list[str] = Field(
-        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        list(DEFAULT_PROVIDERS),
         min_length=1,
         description="onnxruntime providers, in order of preference.",
     )
@@ -77,7 +83,9 @@ class Settings(BaseSettings):
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, providers: list[str]) -> list[str]:
-        import onnxruntime as ort  # only when the variable is set: the default is known
+        if tuple(providers) == DEFAULT_PROVIDERS:
+            return providers  # known to every build: no onnxruntime import just to read settings
+        import onnxruntime as ort
 
         known = ort.get_all_providers()
         unknown = [p for p in providers if p not in known]

@@ -15,6 +15,8 @@ from service.inference.batching import BatchPolicy
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+# The GPU when there is one, else the CPU (onnxruntime falls back by itself).
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 IoBinding = Literal["auto", "on", "off"]  # auto: on with the CUDA provider
 # Names of onnxruntime's GraphOptimizationLevel members (looked up when a session is made).
@@ -35,7 +37,7 @@ GPU_DEFAULT_BATCH = 16
 class Runtime:
     """How models are run: onnxruntime providers and session options, and batching."""
 
-    providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    providers: tuple[str, ...] = DEFAULT_PROVIDERS
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_threads: int = 0
     graph_optimization: GraphOptimization = "all"
