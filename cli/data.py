@@ -14,7 +14,7 @@ data_app = group("Inspect and split datasets.")
 app.add_typer(data_app, name="data")
 
 
-@app.command("demo-data")
+@app.command("demo-data", short_help="Write a SYNTHETIC phantom dataset (no patient data).")
 def demo_data(
     out: Annotated[
         Path, typer.Argument(metavar="OUT", help="Folder to write the phantom dataset to.")
@@ -33,7 +33,7 @@ def demo_data(
     typer.echo(str(out))
 
 
-@data_app.command("audit")
+@data_app.command("audit", short_help="Counts, sizes, duplicates and leaks of a dataset.")
 def data_audit(
     root: Annotated[
         Path,
@@ -52,7 +52,7 @@ def data_audit(
     typer.echo(json.dumps(report, indent=1) if as_json else audit.format_report(report))
 
 
-@data_app.command("split")
+@data_app.command("split", short_help="Write a leak-free stratified train/val/test split.")
 def data_split(
     root: Annotated[Path, typer.Argument(metavar="ROOT", help="Dataset root.")],
     out: Annotated[Path, typer.Option(help="Where to write the split JSON.")] = Path("split.json"),

@@ -22,10 +22,10 @@ from cli.common import (
 localiser_app = group(
     "Train and export the nodule localiser (proposes the ROI the classifier sees)."
 )
-app.add_typer(localiser_app, name="localiser")
+app.add_typer(localiser_app, name="localiser", short_help="Train and export the nodule localiser.")
 
 
-@localiser_app.command("train")
+@localiser_app.command("train", short_help="Train the localiser; prints the run id.")
 def localiser_train(
     data: Annotated[
         list[Path] | None,
@@ -86,7 +86,7 @@ def localiser_train(
     typer.echo(run_id)
 
 
-@localiser_app.command("export")
+@localiser_app.command("export", short_help="Copy a localiser run's ONNX file and card.")
 def localiser_export(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="Localiser training run.")],
     out: Annotated[

@@ -17,8 +17,12 @@ outcomes_app = group(
 performance_app = group(
     "Live performance of a model version against recorded outcomes (docs/safety.md)."
 )
-app.add_typer(outcomes_app, name="outcomes")
-app.add_typer(performance_app, name="performance")
+app.add_typer(
+    outcomes_app, name="outcomes", short_help="Import outcomes (cytology, histology) of requests."
+)
+app.add_typer(
+    performance_app, name="performance", short_help="Live performance of a model version."
+)
 IMPORTED_BY = "csv-import"
 
 
@@ -54,7 +58,7 @@ def outcomes_import(
     log.info("imported %d outcome rows from %s", len(reports), file)
 
 
-@performance_app.command("log")
+@performance_app.command("log", short_help="Live performance from the service's database.")
 def performance_log(
     to_mlflow: Annotated[
         bool, typer.Option("--to-mlflow", help="Also log it as an MLflow evaluation run.")

@@ -14,7 +14,7 @@ import typer
 from cli.common import app, fail, log, user_errors
 
 
-@app.command()
+@app.command(short_help="Watch a PACS; store a DICOM SR of each new image.")
 def pacs(
     dicomweb_url: Annotated[
         str | None,

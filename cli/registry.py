@@ -27,10 +27,12 @@ from registry import DEFAULT_NAME
 registry_app = group(
     "MLflow model registry: versions, aliases (champion, challenger), promotion gate."
 )
-app.add_typer(registry_app, name="registry")
+app.add_typer(
+    registry_app, name="registry", short_help="Model registry: versions, aliases, promotion gate."
+)
 
 
-@registry_app.command("register")
+@registry_app.command("register", short_help="Register an exported model; prints the version.")
 def registry_register(
     directory: Annotated[
         Path, typer.Argument(metavar="DIR", help="Folder written by `thyroid-cad export`.")
@@ -62,7 +64,7 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-@registry_app.command("list")
+@registry_app.command("list", short_help="List versions with aliases and metrics.")
 def registry_list(name: ModelName = DEFAULT_NAME, as_json: AsJson = False):
     """Versions with their aliases, validation AUC, source-robust score, parity and source
     run, newest first."""
@@ -154,7 +156,7 @@ def _warn_if_not_served(name: str, alias: str) -> None:
         )  # fmt: skip
 
 
-@registry_app.command("rollback")
+@registry_app.command("rollback", short_help="Move an alias back to its previous version.")
 def registry_rollback(
     alias: Annotated[str, typer.Option(help="Alias to move back.")] = "champion",
     reason: Annotated[str | None, typer.Option(help="Why; recorded in the registry.")] = None,
@@ -170,7 +172,7 @@ def registry_rollback(
     typer.echo(json.dumps(event))
 
 
-@registry_app.command("resolve")
+@registry_app.command("resolve", short_help="Download the ONNX file and card of a version.")
 def registry_resolve(
     reference: Annotated[
         str,

@@ -58,7 +58,7 @@ def _progress_bar():
     )
 
 
-@app.command()
+@app.command(short_help="Score an archive of images into Parquet rows.")
 def score(
     source: Annotated[
         str,

@@ -26,7 +26,7 @@ keys_app = group("API keys of the inference service.")
 app.add_typer(keys_app, name="keys")
 
 
-@app.command()
+@app.command(short_help="Run the inference service.")
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -86,7 +86,7 @@ KEY_COLUMNS = (
 )
 
 
-@keys_app.command("create")
+@keys_app.command("create", short_help="Create an API key; prints it (shown once).")
 def keys_create(
     scope: Annotated[
         str,
@@ -124,7 +124,7 @@ def keys_list(as_json: AsJson = False):
         table(keys, KEY_COLUMNS)
 
 
-@keys_app.command("revoke")
+@keys_app.command("revoke", short_help="Revoke an API key.")
 def keys_revoke(
     key_id: Annotated[str, typer.Argument(metavar="ID", help="Key id (from `keys list`).")],
 ):

@@ -191,7 +191,7 @@ def train(
     typer.echo(run_id)
 
 
-@app.command()
+@app.command(short_help="Train a grid of options; prints the parent run id.")
 def sweep(
     config: Annotated[
         Path,
@@ -214,7 +214,7 @@ def sweep(
     typer.echo(parent_id)
 
 
-@app.command()
+@app.command(short_help="Export a run to ONNX with its model card.")
 def export(
     run_id: Annotated[
         str, typer.Argument(metavar="RUN_ID", help="Training run (or progressive / sweep parent).")
