@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, group, log, service_database, user_errors
+from cli.common import (
+    app,
+    existing_store,
+    fail,
+    group,
+    log,
+    service_database,
+    user_errors,
+)
 
 outcomes_app = group(
     "Outcomes (Bethesda cytology, histology) of earlier requests (docs/safety.md)."
@@ -77,6 +85,7 @@ def performance_log(
     """Compute live performance from the service's database (as GET /v1/performance) and
     print it as JSON; with --to-mlflow, log it as a run tagged with the registered model
     name and version and linked to the version's source run."""
+    existing_store()
     from registry import store
     from service.config import get_settings
     from service.store import performance

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
+from cli.common import app, existing_store, fail, log, user_errors
 
 
 @app.command(short_help="Watch a PACS; store a DICOM SR of each new image.")
@@ -39,6 +39,7 @@ def pacs(
     Configured by THYROID_CAD_* variables (the served model, DATABASE_URL for the ledger,
     THYROID_CAD_PACS_*); see docs/integration.md. Runs until SIGTERM or Ctrl-C.
     """
+    existing_store(required=False)  # the gateway waits --model-timeout for a model
     from service.config import get_settings
     from service.hospital.gateway import Gateway
     from service.hospital.ledger import Ledger

@@ -10,9 +10,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
-
-ENGINES = ("local", "spark")
+from cli.common import app, existing_store, fail, log, user_errors
+from scoring import ENGINES, SPARK_READS
 
 
 def _spark_conf(pairs: list[str]) -> dict[str, str]:
@@ -78,7 +77,9 @@ def score(
         str,
         typer.Option(help="NAME@ALIAS (resolved once, at the start) or NAME/VERSION."),
     ] = "thyroid-nodule-classifier@champion",
-    engine: Annotated[str, typer.Option(help="local (a process pool) or spark.")] = "local",
+    engine: Annotated[
+        str, typer.Option(help=f"{' or '.join(ENGINES)}: a local process pool, or Spark.")
+    ] = "local",
     workers: Annotated[
         int | None, typer.Option(help="local: worker processes (default: one per core).")
     ] = None,
@@ -87,7 +88,9 @@ def score(
     ] = "local[*]",
     spark_read: Annotated[
         str,
-        typer.Option(help="spark: binaryfile (Spark reads the bytes) or paths (each task does)."),
+        typer.Option(
+            help=f"spark: {' or '.join(SPARK_READS)} (Spark reads the bytes, or each task does)."
+        ),
     ] = "binaryfile",
     conf: Annotated[
         list[str] | None, typer.Option(help="spark: KEY=VALUE Spark setting (repeatable).")
@@ -113,6 +116,7 @@ def score(
     decision, TI-RADS estimates where the model has them, and an error column (a bad
     image never stops the job). The numbers are /v1/predict's. Prints a JSON summary.
     """
+    existing_store()
     from scoring import archive, inputs
     from service.config import get_settings
 

@@ -13,6 +13,7 @@ from cli.common import (
     AsJson,
     app,
     describe_database,
+    existing_store,
     fail,
     group,
     log,
@@ -42,6 +43,7 @@ def serve(
 
     with user_errors():  # a bad THYROID_CAD_* value: one clear message, exit 2
         get_settings()
+    existing_store(required=False)  # it may be made later: the service polls for its model
 
     uvicorn.run(
         "service.api.app:create_app",
