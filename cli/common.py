@@ -11,7 +11,6 @@ or JSON for scripts with --json.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -80,6 +79,7 @@ def _main(
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ INFO and WARNING
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # MLflow sets its level at import
     warnings.simplefilter("ignore")  # Keras' UserWarnings, MLflow's FutureWarnings...
     for noisy in THIRD_PARTY:
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -87,13 +87,19 @@ def _main(
 
 @contextlib.contextmanager
 def progress_hidden() -> Iterator[None]:
-    """Keras' epoch lines and other library prints to stdout: on stderr with --verbose,
-    else dropped (stdout stays for the results scripts read)."""
+    """What libraries print while a command works (Keras' epoch lines on stdout, MLflow's
+    "Successfully registered" and download bars on stderr): shown on stderr with
+    --verbose, else dropped. Our own log lines still reach stderr (their handler holds
+    the real one), and stdout stays for the results scripts read."""
     if verbosity["verbose"]:
         with contextlib.redirect_stdout(sys.stderr):
             yield
         return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+    with (
+        open(os.devnull, "w") as sink,
+        contextlib.redirect_stdout(sink),
+        contextlib.redirect_stderr(sink),
+    ):
         yield
 
 
@@ -112,12 +118,16 @@ def _cell(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def fields(record: dict) -> None:
-    """One record as `key: value` lines for people (nested values as compact JSON)."""
+def fields(record: dict, indent: str = "") -> None:
+    """One record as aligned `key  value` lines for people; a nested record below its key,
+    indented."""
     width = max((len(k) for k in record), default=0)
     for key, value in record.items():
-        shown = json.dumps(value, default=str) if isinstance(value, dict) else _cell(value)
-        typer.echo(f"{key.ljust(width)}  {shown}")
+        if isinstance(value, dict):
+            typer.echo(f"{indent}{key}")
+            fields(value, indent + "  ")
+        else:
+            typer.echo(f"{indent}{key.ljust(width)}  {_cell(value)}")
 
 
 def check_paths(**paths: Path | str | None) -> None:

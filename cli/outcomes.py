@@ -114,10 +114,9 @@ def _log_run(report: dict, experiment: str) -> str:
     from service.store import performance
     from thyroid_cad import settings
 
-    mlflow.set_tracking_uri(settings.tracking_uri())
+    settings.use_experiment(experiment)  # artifacts under THYROID_CAD_HOME, not ./mlruns
     name, version = report["model"]["name"], report["model"]["version"]
     info = store.show(version, name)
-    mlflow.set_experiment(experiment)
     tags = {
         "kind": "live-evaluation",
         "registered_model_name": name,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +16,7 @@ from cli.common import (
     fields,
     group,
     log,
+    progress_hidden,
     quiet_cuda_probes,
     table,
     user_errors,
@@ -43,7 +42,7 @@ def registry_register(
     from registry import store
 
     # MLflow checks the logged model in onnxruntime with its CUDA provider first.
-    with user_errors(), contextlib.redirect_stdout(sys.stderr), quiet_cuda_probes():
+    with user_errors(), quiet_cuda_probes(), progress_hidden():
         version = store.register(directory, name)
     typer.echo(str(version))
 

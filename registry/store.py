@@ -149,8 +149,8 @@ def register(directory: Path, name: str = DEFAULT_NAME) -> int:
         mlflow.set_experiment(experiment_id=run.info.experiment_id)
         run_kwargs = {"run_id": run.info.run_id}
     if run_kwargs is None:
-        experiment = mlflow.set_experiment("thyroid-cad-registry")
-        run_kwargs = {"experiment_id": experiment.experiment_id, "run_name": f"register-{name}"}
+        experiment_id = settings.use_experiment("thyroid-cad-registry")
+        run_kwargs = {"experiment_id": experiment_id, "run_name": f"register-{name}"}
     model = onnx.load_model(onnx_path)
     size = int(card["input_size"])
     example = np.zeros((1, size, size, 3), dtype=np.uint8)

@@ -270,7 +270,8 @@ def test_registry_commands_take_aliases_and_say_what_will_not_be_served(
     name = f"test-cli-{uuid.uuid4().hex[:8]}"
 
     def cli(*args, env=None):
-        return run_cli(*args, "--name", name, home=session_home, cwd=tmp_path, env=env)
+        served = {"THYROID_CAD_MODEL": f"{name}@champion", **(env or {})}
+        return run_cli(*args, "--name", name, home=session_home, cwd=tmp_path, env=served)
 
     empty = cli("registry", "list")
     assert empty["exit"] == 0 and empty["stdout"] == ""
@@ -278,7 +279,10 @@ def test_registry_commands_take_aliases_and_say_what_will_not_be_served(
         f"no versions of {name} in the MLflow store {session_home / 'mlflow.db'}"
         in (empty["stderr"])
     )
-    assert cli("registry", "register", str(tiny_export))["exit"] == 0
+    registered = cli("registry", "register", str(tiny_export))
+    assert registered["exit"] == 0 and registered["stdout"].strip() == "1"
+    for noise in ("Successfully registered", "mlflow", "Warning", "CUDA"):  # quiet by default
+        assert noise not in registered["stderr"], registered["stderr"]
     promoted = cli("registry", "promote", "1", "--alias", "champion")
     assert promoted["exit"] == 0 and json.loads(promoted["stdout"])["version"] == 1
     assert "THYROID_CAD_EXTRA_ALIASES" not in promoted["stderr"]  # champion is served

@@ -57,3 +57,26 @@ def tracking_uri() -> str:
 def artifact_root() -> str:
     """Artifact location for experiments created on the default local store."""
     return (home() / "artifacts").as_uri()
+
+
+def use_experiment(name: str) -> str:
+    """Point MLflow at the configured store and make `name` its active experiment,
+    created if needed; returns its id.
+
+    On the default local store, artifacts go to THYROID_CAD_HOME/artifacts rather than
+    a folder (./mlruns) relative to wherever the command happens to run.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        mlflow.set_experiment(experiment_id=found.experiment_id)
+        return found.experiment_id
+    local = uri.startswith("sqlite:")
+    experiment_id = mlflow.create_experiment(
+        name, artifact_location=artifact_root() if local else None
+    )
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
