@@ -34,16 +34,15 @@ def serve(
     workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
 ):
     """Run the inference service (configured by THYROID_CAD_* variables, see README)."""
-    busy = _bind_error(host, port)
-    if busy:  # said now, not after the models have loaded
-        raise fail(f"cannot listen on {host}:{port} ({busy}); choose another with --port")
-    import uvicorn
-
     from service.config import get_settings
 
     with user_errors():  # a bad THYROID_CAD_* value: one clear message, exit 2
         get_settings()
+    busy = _bind_error(host, port)
+    if busy:  # said now, not after the models have loaded
+        raise fail(f"cannot listen on {host}:{port} ({busy}); choose another with --port")
     existing_store(required=False)  # it may be made later: the service polls for its model
+    import uvicorn
 
     uvicorn.run(
         "service.api.app:create_app",
