@@ -214,6 +214,30 @@ def test_help_imports_no_heavy_module_and_shows_real_metavars(args, tmp_path):
     assert not re.search(r"\{[a-z_]+\}|<bool>", help_text, re.IGNORECASE), help_text
 
 
+def _command_paths(command=None, path=()):
+    command = command or _app()
+    yield path
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_paths(sub, (*path, name))
+
+
+def test_every_help_text_has_real_metavars_and_whole_summaries():
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    paths = list(_command_paths())
+    assert ("registry", "show") in paths and len(paths) > 20
+    for path in paths:
+        result = CliRunner().invoke(app, [*path, "--help"], terminal_width=80)
+        assert result.exit_code == 0, path
+        text = result.stdout
+        assert not re.search(r"\{[A-Za-z_]+\}|<bool>", text), (path, text)
+        # command lists give each command's summary whole, never cut with "..."
+        listed = text.split("Commands:")[1] if "Commands:" in text else ""
+        assert not re.search(r"\.\.\.$", listed, re.MULTILINE), (path, listed)
+
+
 def test_a_missing_data_folder_is_refused_before_tensorflow_loads(tmp_path):
     result = run_cli("train", "--data", "nope", home=tmp_path / "home", cwd=tmp_path)
     assert result["exit"] == 2 and "--data nope: no such file or folder" in result["stderr"]
