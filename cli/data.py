@@ -19,7 +19,7 @@ def demo_data(
     out: Annotated[
         Path, typer.Argument(metavar="OUT", help="Folder to write the phantom dataset to.")
     ],
-    per_class: Annotated[int, typer.Option(help="Images per class.")] = 100,
+    per_class: Annotated[int, typer.Option(metavar="FILE", help="Images per class.")] = 100,
     classes: Annotated[int, typer.Option(help="2 (benign/malignant) or 3 (+ normal).")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
@@ -41,7 +41,9 @@ def data_audit(
             metavar="ROOT", help="Dataset root: ROOT/<class>/* or ROOT/<split>/<class>/*."
         ),
     ],
-    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(metavar="CSV", help="CSV with image,case_id columns.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ):
     """Counts, sizes, unreadable files, exact and near duplicates, leaks across splits."""
@@ -55,8 +57,12 @@ def data_audit(
 @data_app.command("split", short_help="Write a leak-free stratified train/val/test split.")
 def data_split(
     root: Annotated[Path, typer.Argument(metavar="ROOT", help="Dataset root.")],
-    out: Annotated[Path, typer.Option(help="Where to write the split JSON.")] = Path("split.json"),
-    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    out: Annotated[
+        Path, typer.Option(metavar="FILE", help="Where to write the split JSON.")
+    ] = Path("split.json"),
+    manifest: Annotated[
+        Path | None, typer.Option(metavar="CSV", help="CSV with image,case_id columns.")
+    ] = None,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
     test: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

@@ -30,16 +30,22 @@ def localiser_train(
     data: Annotated[
         list[Path] | None,
         typer.Option(
-            help="Dataset folder holding annotations.csv or ddti-annotations.csv (repeatable)."
+            metavar="ROOT",
+            help="Dataset folder holding annotations.csv or ddti-annotations.csv (repeatable).",
         ),
     ] = None,
     annotations: Annotated[
         list[Path] | None,
-        typer.Option(help="Annotation CSV, images relative to its folder (repeatable)."),
+        typer.Option(
+            metavar="CSV", help="Annotation CSV, images relative to its folder (repeatable)."
+        ),
     ] = None,
     image_size: Annotated[int, typer.Option(help="Input side in pixels.")] = 128,
     filters: Annotated[
-        str, typer.Option(help="U-Net widths per level, comma-separated (last: bottleneck).")
+        str,
+        typer.Option(
+            metavar="WIDTHS", help="U-Net widths per level, comma-separated (last: bottleneck)."
+        ),
     ] = "8,16,32,64,128",
     epochs: Annotated[int, typer.Option(help="Training epochs (early stopping on val).")] = 30,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 16,
@@ -49,7 +55,9 @@ def localiser_train(
     max_images: Annotated[
         int | None, typer.Option(help="Subsample per source share (quick runs).")
     ] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad-localiser",
+    experiment: Annotated[
+        str, typer.Option(metavar="NAME", help="MLflow experiment.")
+    ] = "thyroid-cad-localiser",
 ):
     """Train the localiser on nodule outlines / lesion masks; prints the run id last."""
     for root in data or []:
@@ -90,7 +98,7 @@ def localiser_train(
 def localiser_export(
     run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="Localiser training run.")],
     out: Annotated[
-        Path, typer.Option(help="Folder for localiser.onnx and localiser_card.json.")
+        Path, typer.Option(metavar="DIR", help="Folder for localiser.onnx and localiser_card.json.")
     ] = Path("localiser"),
 ):
     """Copy a localiser run's ONNX file and card (exported and parity-checked at training)."""

@@ -73,13 +73,17 @@ def performance_log(
     ] = False,
     model_version: Annotated[
         int | None,
-        typer.Option(help="Registered version; default: the one THYROID_CAD_MODEL points at."),
+        typer.Option(
+            metavar="VERSION",
+            help="Registered version; default: the one THYROID_CAD_MODEL points at.",
+        ),
     ] = None,
     since: Annotated[
-        str | None, typer.Option(help="Only requests from this ISO date or date-time on.")
+        str | None,
+        typer.Option(metavar="DATE", help="Only requests from this ISO date or date-time on."),
     ] = None,
     experiment: Annotated[
-        str, typer.Option(help="MLflow experiment of the evaluation runs.")
+        str, typer.Option(metavar="NAME", help="MLflow experiment of the evaluation runs.")
     ] = "thyroid-cad-live",
 ):
     """Compute live performance from the service's database (as GET /v1/performance) and

@@ -18,13 +18,16 @@ from cli.common import app, existing_store, fail, log, user_errors
 def pacs(
     dicomweb_url: Annotated[
         str | None,
-        typer.Option(help="DICOMweb root of the PACS [env THYROID_CAD_PACS_DICOMWEB_URL]."),
+        typer.Option(
+            metavar="URL", help="DICOMweb root of the PACS [env THYROID_CAD_PACS_DICOMWEB_URL]."
+        ),
     ] = None,
     orthanc_url: Annotated[
         str | None,
         typer.Option(
+            metavar="URL",
             help="Orthanc REST root: watch its change feed instead of polling QIDO-RS "
-            "[env THYROID_CAD_PACS_ORTHANC_URL]."
+            "[env THYROID_CAD_PACS_ORTHANC_URL].",
         ),
     ] = None,
     once: Annotated[

@@ -113,7 +113,9 @@ def registry_promote(
         str, typer.Option(metavar="ALIAS", help="champion, challenger, or another alias.")
     ] = "champion",
     force: Annotated[bool, typer.Option(help="Override the gate (needs --reason).")] = False,
-    reason: Annotated[str | None, typer.Option(help="Why; recorded in the registry.")] = None,
+    reason: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="Why; recorded in the registry.")
+    ] = None,
     name: ModelName = DEFAULT_NAME,
 ):
     """Point an alias at a version; prints the recorded event as JSON.
@@ -157,8 +159,10 @@ def _warn_if_not_served(name: str, alias: str) -> None:
 
 @registry_app.command("rollback", short_help="Move an alias back to its previous version.")
 def registry_rollback(
-    alias: Annotated[str, typer.Option(help="Alias to move back.")] = "champion",
-    reason: Annotated[str | None, typer.Option(help="Why; recorded in the registry.")] = None,
+    alias: Annotated[str, typer.Option(metavar="ALIAS", help="Alias to move back.")] = "champion",
+    reason: Annotated[
+        str | None, typer.Option(metavar="TEXT", help="Why; recorded in the registry.")
+    ] = None,
     name: ModelName = DEFAULT_NAME,
 ):
     """Point the alias back at the version it held before the current one; prints the

@@ -70,37 +70,53 @@ def score(
     out: Annotated[
         Path,
         typer.Option(
-            "--out", help="Output folder: a Parquet dataset, appended to; a rerun resumes."
+            "--out",
+            metavar="DIR",
+            help="Output folder: a Parquet dataset, appended to; a rerun resumes.",
         ),
     ],
     model: Annotated[
         str,
-        typer.Option(help="NAME@ALIAS (resolved once, at the start) or NAME/VERSION."),
+        typer.Option(
+            metavar="REFERENCE", help="NAME@ALIAS (resolved once, at the start) or NAME/VERSION."
+        ),
     ] = "thyroid-nodule-classifier@champion",
     engine: Annotated[
-        str, typer.Option(help=f"{' or '.join(ENGINES)}: a local process pool, or Spark.")
+        str,
+        typer.Option(
+            metavar="ENGINE", help=f"{' or '.join(ENGINES)}: a local process pool, or Spark."
+        ),
     ] = "local",
     workers: Annotated[
         int | None, typer.Option(help="local: worker processes (default: one per core).")
     ] = None,
     master: Annotated[
-        str, typer.Option(help="spark: master URL (local[*], spark://host:7077, yarn, ...).")
+        str,
+        typer.Option(
+            metavar="URL", help="spark: master URL (local[*], spark://host:7077, yarn, ...)."
+        ),
     ] = "local[*]",
     spark_read: Annotated[
         str,
         typer.Option(
-            help=f"spark: {' or '.join(SPARK_READS)} (Spark reads the bytes, or each task does)."
+            metavar="MODE",
+            help=f"spark: {' or '.join(SPARK_READS)} (Spark reads the bytes, or each task does).",
         ),
     ] = "binaryfile",
     conf: Annotated[
-        list[str] | None, typer.Option(help="spark: KEY=VALUE Spark setting (repeatable).")
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="spark: KEY=VALUE Spark setting (repeatable)."),
     ] = None,
     glob: Annotated[
         str | None,
-        typer.Option(help="Folder input: file-name pattern, e.g. '*' for extension-less DICOM."),
+        typer.Option(
+            metavar="PATTERN",
+            help="Folder input: file-name pattern, e.g. '*' for extension-less DICOM.",
+        ),
     ] = None,
     column: Annotated[
-        str | None, typer.Option(help="Table input: the column of paths (default path/image).")
+        str | None,
+        typer.Option(metavar="NAME", help="Table input: the column of paths (default path/image)."),
     ] = None,
     retry_errors: Annotated[
         bool, typer.Option(help="Score again images whose earlier row has an error.")

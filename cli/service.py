@@ -29,8 +29,10 @@ app.add_typer(keys_app, name="keys")
 
 @app.command(short_help="Run the inference service.")
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: Annotated[
+        str, typer.Option(metavar="HOST", help="Interface to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
 ):
     """Run the inference service (configured by THYROID_CAD_* variables, see README)."""
@@ -92,11 +94,14 @@ def keys_create(
     scope: Annotated[
         str,
         typer.Option(
+            metavar="SCOPE",
             help="predict (clients), feedback (record outcomes, read live performance) or "
-            "admin (everything, audit trail too)."
+            "admin (everything, audit trail too).",
         ),
     ] = "predict",
-    name: Annotated[str | None, typer.Option(help="Who or what the key is for.")] = None,
+    name: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Who or what the key is for.")
+    ] = None,
 ):
     """Create an API key; prints it last (it is shown once, only its hash is stored)."""
     with user_errors():

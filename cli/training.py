@@ -54,7 +54,8 @@ def _options(ctx: typer.Context, config: Path | None) -> dict:
 def train(
     ctx: typer.Context,
     data: Annotated[
-        Path | None, typer.Option(help="Dataset root (or `data:` in the --config file).")
+        Path | None,
+        typer.Option(metavar="ROOT", help="Dataset root (or `data:` in the --config file)."),
     ] = None,
     backbone: Annotated[
         Literal[choices.BACKBONES], typer.Option(help="Convolutional base.")
@@ -69,12 +70,18 @@ def train(
     epochs: Annotated[int, typer.Option(help="Training epochs (two-phase: both phases).")] = 10,
     image_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 224,
     weights: Annotated[
-        str, typer.Option(help="'imagenet' (Keras cache), 'none', or a local weights file.")
+        str,
+        typer.Option(
+            metavar="WEIGHTS", help="'imagenet' (Keras cache), 'none', or a local weights file."
+        ),
     ] = "none",
     init_from: Annotated[
-        str | None, typer.Option(help="Start the backbone from this MLflow run's model.")
+        str | None,
+        typer.Option(metavar="RUN_ID", help="Start the backbone from this MLflow run's model."),
     ] = None,
-    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(metavar="CSV", help="CSV with image,case_id columns.")
+    ] = None,
     unfreeze_blocks: Annotated[
         int, typer.Option(help="Blocks from the top that 'partial' and 'two-phase' unfreeze.")
     ] = 1,
@@ -114,8 +121,9 @@ def train(
     progressive_via: Annotated[
         Path | None,
         typer.Option(
+            metavar="ROOT",
             help="Intermediate dataset for progressive transfer: radiographs (chest-xray) or "
-            "ultrasound (breast-us: its images/ folder of benign / malignant / normal)."
+            "ultrasound (breast-us: its images/ folder of benign / malignant / normal).",
         ),
     ] = None,
     via_epochs: Annotated[
@@ -140,12 +148,16 @@ def train(
     annotations: Annotated[
         Path | None,
         typer.Option(
-            help="Annotation CSV (default: annotations.csv / ddti-annotations.csv in ROOT)."
+            metavar="CSV",
+            help="Annotation CSV (default: annotations.csv / ddti-annotations.csv in ROOT).",
         ),
     ] = None,
     localiser: Annotated[
         str | None,
-        typer.Option(help="Localiser: its MLflow run id, export folder or localiser.onnx."),
+        typer.Option(
+            metavar="LOCALISER",
+            help="Localiser: its MLflow run id, export folder or localiser.onnx.",
+        ),
     ] = None,
     descriptors: Annotated[
         bool,
@@ -155,12 +167,15 @@ def train(
             "missing; softmax classifier only (ignored, with a note, for svm / rf)."
         ),
     ] = False,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
+    experiment: Annotated[
+        str, typer.Option(metavar="NAME", help="MLflow experiment.")
+    ] = "thyroid-cad",
     config: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="YAML file of training options (TrainConfig fields, e.g. configs/best.yaml); "
-            "options given on the command line override it."
+            "options given on the command line override it.",
         ),
     ] = None,
 ):
@@ -198,7 +213,10 @@ def sweep(
         typer.Argument(metavar="CONFIG", help="YAML sweep configuration (see docs/training.md)."),
     ],
     fresh: Annotated[
-        bool, typer.Option(help="Start a new sweep instead of resuming an unfinished one.")
+        bool,
+        typer.Option(
+            metavar="FILE", help="Start a new sweep instead of resuming an unfinished one."
+        ),
     ] = False,
 ):
     """Train a grid of backbone x strategy x classifier x stage; prints the parent run id last."""
@@ -219,9 +237,9 @@ def export(
     run_id: Annotated[
         str, typer.Argument(metavar="RUN_ID", help="Training run (or progressive / sweep parent).")
     ],
-    out: Annotated[Path, typer.Option(help="Folder for model.onnx and model_card.json.")] = Path(
-        "export"
-    ),
+    out: Annotated[
+        Path, typer.Option(metavar="DIR", help="Folder for model.onnx and model_card.json.")
+    ] = Path("export"),
 ):
     """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card."""
     existing_store()
