@@ -130,12 +130,11 @@ def fields(record: dict, indent: str = "") -> None:
             typer.echo(f"{indent}{key.ljust(width)}  {_cell(value)}")
 
 
-def check_paths(**paths: Path | str | None) -> None:
-    """Refuse, before any heavy import, an option naming a file or folder that does not
-    exist (`--data nope` is answered at once, not after TensorFlow has loaded)."""
-    for option, path in paths.items():
-        if path is not None and not Path(path).exists():
-            raise fail(f"--{option.replace('_', '-')} {path}: no such file or folder")
+def check_path(path: Path | str | None, what: str) -> None:
+    """Refuse, before any heavy import, a path that does not exist (`--data nope` is
+    answered at once, not after TensorFlow has loaded); None is no path given."""
+    if path is not None and not Path(path).exists():
+        raise fail(f"{what} not found: {path}")
 
 
 def existing_store(required: bool = True) -> bool:

@@ -10,7 +10,7 @@ import typer
 
 from cli.common import (
     app,
-    check_paths,
+    check_path,
     existing_store,
     fail,
     group,
@@ -61,9 +61,9 @@ def localiser_train(
 ):
     """Train the localiser on nodule outlines / lesion masks; prints the run id last."""
     for root in data or []:
-        check_paths(data=root)
+        check_path(root, "dataset folder")
     for csv in annotations or []:
-        check_paths(annotations=csv)
+        check_path(csv, "annotation file")
     from training.annotations import ANNOTATION_NAMES, find_annotations
     from training.localiser import LocaliserConfig, train_localiser
 

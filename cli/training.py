@@ -10,7 +10,7 @@ import typer
 
 from cli.common import (
     app,
-    check_paths,
+    check_path,
     existing_store,
     fail,
     log,
@@ -180,14 +180,12 @@ def train(
     ] = None,
 ):
     """Train one model and log it to MLflow; prints the run id last."""
-    check_paths(
-        data=data,
-        config=config,
-        manifest=manifest,
-        annotations=annotations,
-        progressive_via=progressive_via,
-        weights=None if weights in ("imagenet", "none", "") else weights,
-    )
+    check_path(data, "dataset folder")
+    check_path(config, "configuration")
+    check_path(manifest, "manifest")
+    check_path(annotations, "annotation file")
+    check_path(progressive_via, "intermediate dataset")
+    check_path(None if weights in ("imagenet", "none", "") else weights, "weights file")
     start_tensorflow()
     from training.train import TrainConfig, train_progressive
     from training.train import train as run
@@ -220,7 +218,7 @@ def sweep(
     ] = False,
 ):
     """Train a grid of backbone x strategy x classifier x stage; prints the parent run id last."""
-    check_paths(config=config)
+    check_path(config, "sweep configuration")
     start_tensorflow()
     from training import sweep as sweeps
 

@@ -240,7 +240,7 @@ def test_every_help_text_has_real_metavars_and_whole_summaries():
 
 def test_a_missing_data_folder_is_refused_before_tensorflow_loads(tmp_path):
     result = run_cli("train", "--data", "nope", home=tmp_path / "home", cwd=tmp_path)
-    assert result["exit"] == 2 and "--data nope: no such file or folder" in result["stderr"]
+    assert result["exit"] == 2 and "dataset folder not found: nope" in result["stderr"]
     assert result["heavy"] == []
     assert not (tmp_path / "home").exists()
 
