@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -22,6 +22,7 @@ from cli.common import (
     table,
     user_errors,
 )
+from service.store import SCOPES
 
 keys_app = group("API keys of the inference service.")
 app.add_typer(keys_app, name="keys")
@@ -92,11 +93,10 @@ KEY_COLUMNS = (
 @keys_app.command("create", short_help="Create an API key; prints it (shown once).")
 def keys_create(
     scope: Annotated[
-        str,
+        Literal[SCOPES],
         typer.Option(
-            metavar="SCOPE",
             help="predict (clients), feedback (record outcomes, read live performance) or "
-            "admin (everything, audit trail too).",
+            "admin (everything, audit trail too)."
         ),
     ] = "predict",
     name: Annotated[
