@@ -345,6 +345,7 @@ def test_registry_commands_take_aliases_and_say_what_will_not_be_served(
 def test_an_unset_extra_alias_is_not_an_error(home, tiny_export):
     """A fresh registry has a champion and no challenger: normal, said as `not set`."""
     from registry import store
+    from service.errors import ApiError
     from service.inference.models import ModelManager, Runtime
 
     name = f"test-cli-{uuid.uuid4().hex[:8]}"
@@ -356,6 +357,13 @@ def test_an_unset_extra_alias_is_not_an_error(home, tiny_export):
         manager.refresh()
         assert manager.errors == {} and manager.not_set == {"challenger"}
         assert [m["aliases"] for m in manager.loaded()] == [["champion"]]
+        for alias, why in [
+            ("challenger", "no version holds that alias"),
+            ("prod", "only champion, challenger are served (THYROID_CAD_EXTRA_ALIASES)"),
+        ]:
+            with pytest.raises(ApiError) as refused:
+                manager.get(alias=alias)
+            assert refused.value.status == 404 and why in refused.value.message, alias
     finally:
         manager.stop()
     missing = ModelManager(f"{name}@gone", [], Runtime(providers=("CPUExecutionProvider",)), 2)

@@ -380,7 +380,13 @@ class ModelManager:
                     "model_not_ready",
                     f"no model loaded for {self.name}@{alias}: {self.last_error}",
                 )
-            raise ApiError(404, "alias_not_found", f"{self.name}@{alias} is not loaded")
+            if alias in self.not_set:
+                why = "no version holds that alias"
+            elif alias in self.aliases:
+                why = self.errors.get(alias, "not loaded yet")
+            else:  # say how to have it served
+                why = f"only {', '.join(self.aliases)} are served (THYROID_CAD_EXTRA_ALIASES)"
+            raise ApiError(404, "alias_not_found", f"{self.name}@{alias} is not loaded: {why}")
         return model, alias
 
     def _get_version(self, version: int) -> LoadedModel:
