@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from service.inference.batching import BatchPolicy
-
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+    from service.inference.batching import BatchPolicy
 
 # The GPU when there is one, else the CPU (onnxruntime falls back by itself).
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -61,6 +61,8 @@ class Runtime:
         return options
 
     def policy_for(self, provider: str) -> BatchPolicy:
+        from service.inference.batching import BatchPolicy  # numpy: not for settings
+
         size = self.max_batch_size or DEFAULT_BATCH.get(provider, GPU_DEFAULT_BATCH)
         # With batches of one there is nothing to wait for.
         delay = self.max_queue_delay_s if size > 1 else 0.0
