@@ -254,15 +254,16 @@ class ModelManager:
         self.registry_reachable = False
         self.errors: dict[str, str] = {}  # alias -> why it is not (or not newly) loaded
         # Extra aliases the registry says no version holds: normal (a fresh registry has
-        # no challenger), so not an error.
-        self.not_set: set[str] = set()
+        # no challenger), so not an error. Replaced, never changed in place: routes read it
+        # while the poller thread updates it.
+        self.not_set: frozenset[str] = frozenset()
 
     # -- resolution ---------------------------------------------------------------
     def _resolve(self, alias: str) -> store.Resolved | None:
         try:
             resolved = store.resolve(f"{self.name}@{alias}")
             self.registry_reachable = True
-            self.not_set.discard(alias)
+            self.not_set = self.not_set - {alias}
             return resolved
         except store.AliasNotSet as e:
             self.registry_reachable = True
@@ -270,7 +271,7 @@ class ModelManager:
                 self.errors[alias] = str(e)
             else:
                 self.errors.pop(alias, None)
-                self.not_set.add(alias)
+                self.not_set = self.not_set | {alias}
             return None
         except store.RegistryError as e:
             self.registry_reachable = not isinstance(e, store.RegistryUnavailable)
