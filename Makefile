@@ -12,9 +12,11 @@ $(BIN)/thyroid-cad: pyproject.toml
 	$(PYTHON) -m uv pip install --quiet --python $(VENV)/bin/python -e '.[train,serve,score,spark,dev]'
 	touch $@
 
-# Phantom data -> train -> MLflow -> ONNX -> registry -> champion -> service (foreground).
+# Phantom data -> train -> MLflow -> ONNX -> registry -> champion -> service (foreground),
+# on port PORT (make demo PORT=8001).
+PORT ?= 8000
 demo: install
-	bash scripts/demo.sh
+	PORT=$(PORT) bash scripts/demo.sh
 
 lint: install
 	$(BIN)/ruff check .

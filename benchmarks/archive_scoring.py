@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scoring import archive, inputs, local  # noqa: E402
+from scoring import SPARK_READS, archive, inputs, local  # noqa: E402
 from service import inference  # noqa: E402
 from service.inference.models import Runtime  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> None:
             t0 = time.perf_counter()
             session = spark.session(f"local[{cores}]", {"spark.ui.enabled": "false"})
             rows.append(("Spark session start", f"{time.perf_counter() - t0:.0f} s"))
-            for read in spark.READS:
+            for read in SPARK_READS:
                 job = archive.Job(files, paths, Path(tmp) / f"spark-{read}", runtime, MAX_PIXELS)
                 rate = engine_rate(
                     lambda j, p, r=read: spark.run(j, p, f"local[{cores}]", read=r), job, paths

@@ -8,16 +8,18 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, log, user_errors
+from cli.common import app, group, log, user_errors
 
-data_app = typer.Typer(help="Inspect and split datasets.", no_args_is_help=True)
+data_app = group("Inspect and split datasets.")
 app.add_typer(data_app, name="data")
 
 
-@app.command("demo-data")
+@app.command("demo-data", short_help="Write a SYNTHETIC phantom dataset (no patient data).")
 def demo_data(
-    out: Annotated[Path, typer.Argument(help="Folder to write the phantom dataset to.")],
-    per_class: Annotated[int, typer.Option(help="Images per class.")] = 100,
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Folder to write the phantom dataset to.")
+    ],
+    per_class: Annotated[int, typer.Option(metavar="FILE", help="Images per class.")] = 100,
     classes: Annotated[int, typer.Option(help="2 (benign/malignant) or 3 (+ normal).")] = 2,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
@@ -31,12 +33,17 @@ def demo_data(
     typer.echo(str(out))
 
 
-@data_app.command("audit")
+@data_app.command("audit", short_help="Counts, sizes, duplicates and leaks of a dataset.")
 def data_audit(
     root: Annotated[
-        Path, typer.Argument(help="Dataset root: ROOT/<class>/* or ROOT/<split>/<class>/*.")
+        Path,
+        typer.Argument(
+            metavar="ROOT", help="Dataset root: ROOT/<class>/* or ROOT/<split>/<class>/*."
+        ),
     ],
-    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(metavar="CSV", help="CSV with image,case_id columns.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ):
     """Counts, sizes, unreadable files, exact and near duplicates, leaks across splits."""
@@ -47,11 +54,15 @@ def data_audit(
     typer.echo(json.dumps(report, indent=1) if as_json else audit.format_report(report))
 
 
-@data_app.command("split")
+@data_app.command("split", short_help="Write a leak-free stratified train/val/test split.")
 def data_split(
-    root: Annotated[Path, typer.Argument(help="Dataset root.")],
-    out: Annotated[Path, typer.Option(help="Where to write the split JSON.")] = Path("split.json"),
-    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    root: Annotated[Path, typer.Argument(metavar="ROOT", help="Dataset root.")],
+    out: Annotated[
+        Path, typer.Option(metavar="FILE", help="Where to write the split JSON.")
+    ] = Path("split.json"),
+    manifest: Annotated[
+        Path | None, typer.Option(metavar="CSV", help="CSV with image,case_id columns.")
+    ] = None,
     val: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
     test: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

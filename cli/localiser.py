@@ -2,38 +2,50 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
-
-localiser_app = typer.Typer(
-    help="Train and export the nodule localiser (proposes the ROI the classifier sees).",
-    no_args_is_help=True,
+from cli.common import (
+    app,
+    check_path,
+    existing_store,
+    fail,
+    group,
+    log,
+    progress_hidden,
+    user_errors,
 )
-app.add_typer(localiser_app, name="localiser")
+
+localiser_app = group(
+    "Train and export the nodule localiser (proposes the ROI the classifier sees)."
+)
+app.add_typer(localiser_app, name="localiser", short_help="Train and export the nodule localiser.")
 
 
-@localiser_app.command("train")
+@localiser_app.command("train", short_help="Train the localiser; prints the run id.")
 def localiser_train(
     data: Annotated[
         list[Path] | None,
         typer.Option(
-            help="Dataset folder holding annotations.csv or ddti-annotations.csv (repeatable)."
+            metavar="ROOT",
+            help="Dataset folder holding annotations.csv or ddti-annotations.csv (repeatable).",
         ),
     ] = None,
     annotations: Annotated[
         list[Path] | None,
-        typer.Option(help="Annotation CSV, images relative to its folder (repeatable)."),
+        typer.Option(
+            metavar="CSV", help="Annotation CSV, images relative to its folder (repeatable)."
+        ),
     ] = None,
     image_size: Annotated[int, typer.Option(help="Input side in pixels.")] = 128,
     filters: Annotated[
-        str, typer.Option(help="U-Net widths per level, comma-separated (last: bottleneck).")
+        str,
+        typer.Option(
+            metavar="WIDTHS", help="U-Net widths per level, comma-separated (last: bottleneck)."
+        ),
     ] = "8,16,32,64,128",
     epochs: Annotated[int, typer.Option(help="Training epochs (early stopping on val).")] = 30,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 16,
@@ -43,9 +55,15 @@ def localiser_train(
     max_images: Annotated[
         int | None, typer.Option(help="Subsample per source share (quick runs).")
     ] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad-localiser",
+    experiment: Annotated[
+        str, typer.Option(metavar="NAME", help="MLflow experiment.")
+    ] = "thyroid-cad-localiser",
 ):
     """Train the localiser on nodule outlines / lesion masks; prints the run id last."""
+    for root in data or []:
+        check_path(root, "dataset folder")
+    for csv in annotations or []:
+        check_path(csv, "annotation file")
     from training.annotations import ANNOTATION_NAMES, find_annotations
     from training.localiser import LocaliserConfig, train_localiser
 
@@ -71,22 +89,23 @@ def localiser_train(
             max_images=max_images,
             experiment=experiment,
         )
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         run_id = train_localiser(cfg)
     typer.echo(run_id)
 
 
-@localiser_app.command("export")
+@localiser_app.command("export", short_help="Copy a localiser run's ONNX file and card.")
 def localiser_export(
-    run_id: Annotated[str, typer.Argument(help="Localiser training run.")],
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID", help="Localiser training run.")],
     out: Annotated[
-        Path, typer.Option(help="Folder for localiser.onnx and localiser_card.json.")
+        Path, typer.Option(metavar="DIR", help="Folder for localiser.onnx and localiser_card.json.")
     ] = Path("localiser"),
 ):
     """Copy a localiser run's ONNX file and card (exported and parity-checked at training)."""
+    existing_store()
     from training import localiser, tracking
 
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         tracking.setup_uri()
         card = localiser.export_run(run_id, out)
     log.info("localiser parity: %s", json.dumps(card["parity"]))

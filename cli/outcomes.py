@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,33 +9,29 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
+from cli.common import (
+    app,
+    existing_store,
+    fail,
+    group,
+    log,
+    service_database,
+    user_errors,
+)
 
-outcomes_app = typer.Typer(
-    help="Outcomes (Bethesda cytology, histology) of earlier requests (docs/safety.md).",
-    no_args_is_help=True,
+outcomes_app = group(
+    "Outcomes (Bethesda cytology, histology) of earlier requests (docs/safety.md)."
 )
-performance_app = typer.Typer(
-    help="Live performance of a model version against recorded outcomes (docs/safety.md).",
-    no_args_is_help=True,
+performance_app = group(
+    "Live performance of a model version against recorded outcomes (docs/safety.md)."
 )
-app.add_typer(outcomes_app, name="outcomes")
-app.add_typer(performance_app, name="performance")
+app.add_typer(
+    outcomes_app, name="outcomes", short_help="Import outcomes (cytology, histology) of requests."
+)
+app.add_typer(
+    performance_app, name="performance", short_help="Live performance of a model version."
+)
 IMPORTED_BY = "csv-import"
-
-
-@contextlib.contextmanager
-def _database():
-    """The service's database (THYROID_CAD_DATABASE_URL / DATABASE_URL), migrated."""
-    from service.config import get_settings
-    from service.store.db import Database
-
-    db = Database(get_settings().audit_url())
-    try:
-        db.migrate()
-        yield db
-    finally:
-        db.dispose()
 
 
 @outcomes_app.command("import")
@@ -44,21 +39,22 @@ def outcomes_import(
     file: Annotated[
         Path,
         typer.Argument(
+            metavar="FILE",
             help="CSV with the columns request_id,kind,pathology,date (kind bethesda with "
             "pathology I..VI, or histology with benign|malignant; date YYYY-MM-DD).",
-            exists=True,
-            dir_okay=False,
         ),
     ],
 ):
     """Import outcomes. Every row is validated first; any bad row: nothing is written, a
     report per row, exit 1. Else all rows are written in one transaction (entered by
     'csv-import'); a row equal to the latest outcome of its request changes nothing."""
+    if not file.is_file():
+        raise fail(f"{file}: no such file")
     from service.store.outcomes import OutcomeStore
 
     with user_errors():
         text = file.read_text(encoding="utf-8-sig")
-        with _database() as db:
+        with service_database(create=True) as db:
             reports, written = OutcomeStore(db).import_csv(text, IMPORTED_BY)
     for r in reports:
         typer.echo(
@@ -70,25 +66,30 @@ def outcomes_import(
     log.info("imported %d outcome rows from %s", len(reports), file)
 
 
-@performance_app.command("log")
+@performance_app.command("log", short_help="Live performance from the service's database.")
 def performance_log(
     to_mlflow: Annotated[
         bool, typer.Option("--to-mlflow", help="Also log it as an MLflow evaluation run.")
     ] = False,
     model_version: Annotated[
         int | None,
-        typer.Option(help="Registered version; default: the one THYROID_CAD_MODEL points at."),
+        typer.Option(
+            metavar="VERSION",
+            help="Registered version; default: the one THYROID_CAD_MODEL points at.",
+        ),
     ] = None,
     since: Annotated[
-        str | None, typer.Option(help="Only requests from this ISO date or date-time on.")
+        str | None,
+        typer.Option(metavar="DATE", help="Only requests from this ISO date or date-time on."),
     ] = None,
     experiment: Annotated[
-        str, typer.Option(help="MLflow experiment of the evaluation runs.")
+        str, typer.Option(metavar="NAME", help="MLflow experiment of the evaluation runs.")
     ] = "thyroid-cad-live",
 ):
     """Compute live performance from the service's database (as GET /v1/performance) and
     print it as JSON; with --to-mlflow, log it as a run tagged with the registered model
     name and version and linked to the version's source run."""
+    existing_store()
     from registry import store
     from service.config import get_settings
     from service.store import performance
@@ -101,7 +102,7 @@ def performance_log(
         name, alias, _ = store.parse_uri(get_settings().model)
         ref = f"{name}/{model_version}" if model_version else f"{name}@{alias}"
         resolved = store.resolve(ref)
-        with _database() as db:
+        with service_database(create=False) as db:
             report = performance.compute(
                 OutcomeStore(db), resolved.card, name, resolved.version, start
             )
@@ -117,10 +118,9 @@ def _log_run(report: dict, experiment: str) -> str:
     from service.store import performance
     from thyroid_cad import settings
 
-    mlflow.set_tracking_uri(settings.tracking_uri())
+    settings.use_experiment(experiment)  # artifacts under THYROID_CAD_HOME, not ./mlruns
     name, version = report["model"]["name"], report["model"]["version"]
     info = store.show(version, name)
-    mlflow.set_experiment(experiment)
     tags = {
         "kind": "live-evaluation",
         "registered_model_name": name,

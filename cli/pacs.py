@@ -10,20 +10,23 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
+from cli.common import app, existing_store, fail, log, user_errors
 
 
-@app.command()
+@app.command(short_help="Watch a PACS; store a DICOM SR of each new image.")
 def pacs(
     dicomweb_url: Annotated[
         str | None,
-        typer.Option(help="DICOMweb root of the PACS [env THYROID_CAD_PACS_DICOMWEB_URL]."),
+        typer.Option(
+            metavar="URL", help="DICOMweb root of the PACS [env THYROID_CAD_PACS_DICOMWEB_URL]."
+        ),
     ] = None,
     orthanc_url: Annotated[
         str | None,
         typer.Option(
+            metavar="URL",
             help="Orthanc REST root: watch its change feed instead of polling QIDO-RS "
-            "[env THYROID_CAD_PACS_ORTHANC_URL]."
+            "[env THYROID_CAD_PACS_ORTHANC_URL].",
         ),
     ] = None,
     once: Annotated[
@@ -38,6 +41,7 @@ def pacs(
     Configured by THYROID_CAD_* variables (the served model, DATABASE_URL for the ledger,
     THYROID_CAD_PACS_*); see docs/integration.md. Runs until SIGTERM or Ctrl-C.
     """
+    existing_store(required=False)  # the gateway waits --model-timeout for a model
     from service.config import get_settings
     from service.hospital.gateway import Gateway
     from service.hospital.ledger import Ledger

@@ -10,9 +10,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import app, fail, log, user_errors
-
-ENGINES = ("local", "spark")
+from cli.common import app, existing_store, fail, log, user_errors
+from scoring import ENGINES, SPARK_READS
 
 
 def _spark_conf(pairs: list[str]) -> dict[str, str]:
@@ -58,7 +57,7 @@ def _progress_bar():
     )
 
 
-@app.command()
+@app.command(short_help="Score an archive of images into Parquet rows.")
 def score(
     source: Annotated[
         str,
@@ -71,33 +70,53 @@ def score(
     out: Annotated[
         Path,
         typer.Option(
-            "--out", help="Output folder: a Parquet dataset, appended to; a rerun resumes."
+            "--out",
+            metavar="DIR",
+            help="Output folder: a Parquet dataset, appended to; a rerun resumes.",
         ),
     ],
     model: Annotated[
         str,
-        typer.Option(help="NAME@ALIAS (resolved once, at the start) or NAME/VERSION."),
+        typer.Option(
+            metavar="REFERENCE", help="NAME@ALIAS (resolved once, at the start) or NAME/VERSION."
+        ),
     ] = "thyroid-nodule-classifier@champion",
-    engine: Annotated[str, typer.Option(help="local (a process pool) or spark.")] = "local",
+    engine: Annotated[
+        str,
+        typer.Option(
+            metavar="ENGINE", help=f"{' or '.join(ENGINES)}: a local process pool, or Spark."
+        ),
+    ] = "local",
     workers: Annotated[
         int | None, typer.Option(help="local: worker processes (default: one per core).")
     ] = None,
     master: Annotated[
-        str, typer.Option(help="spark: master URL (local[*], spark://host:7077, yarn, ...).")
+        str,
+        typer.Option(
+            metavar="URL", help="spark: master URL (local[*], spark://host:7077, yarn, ...)."
+        ),
     ] = "local[*]",
     spark_read: Annotated[
         str,
-        typer.Option(help="spark: binaryfile (Spark reads the bytes) or paths (each task does)."),
+        typer.Option(
+            metavar="MODE",
+            help=f"spark: {' or '.join(SPARK_READS)} (Spark reads the bytes, or each task does).",
+        ),
     ] = "binaryfile",
     conf: Annotated[
-        list[str] | None, typer.Option(help="spark: KEY=VALUE Spark setting (repeatable).")
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="spark: KEY=VALUE Spark setting (repeatable)."),
     ] = None,
     glob: Annotated[
         str | None,
-        typer.Option(help="Folder input: file-name pattern, e.g. '*' for extension-less DICOM."),
+        typer.Option(
+            metavar="PATTERN",
+            help="Folder input: file-name pattern, e.g. '*' for extension-less DICOM.",
+        ),
     ] = None,
     column: Annotated[
-        str | None, typer.Option(help="Table input: the column of paths (default path/image).")
+        str | None,
+        typer.Option(metavar="NAME", help="Table input: the column of paths (default path/image)."),
     ] = None,
     retry_errors: Annotated[
         bool, typer.Option(help="Score again images whose earlier row has an error.")
@@ -113,6 +132,7 @@ def score(
     decision, TI-RADS estimates where the model has them, and an error column (a bad
     image never stops the job). The numbers are /v1/predict's. Prints a JSON summary.
     """
+    existing_store()
     from scoring import archive, inputs
     from service.config import get_settings
 

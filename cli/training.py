@@ -2,52 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from cli.common import app, fail, log, start_tensorflow, user_errors
-
-
-class Backbone(StrEnum):
-    tiny = "tiny"
-    vgg16 = "vgg16"
-    vgg19 = "vgg19"
-    resnet50 = "resnet50"
-    efficientnetb0 = "efficientnetb0"
-
-
-class Strategy(StrEnum):
-    frozen = "frozen"
-    partial = "partial"
-    full = "full"
-    two_phase = "two-phase"
-
-
-class Classifier(StrEnum):
-    softmax = "softmax"
-    svm = "svm"
-    rf = "rf"
-
-
-class ClassWeights(StrEnum):
-    global_ = "global"
-    source = "source"
-
+from cli.common import (
+    app,
+    check_path,
+    existing_store,
+    fail,
+    log,
+    progress_hidden,
+    start_tensorflow,
+    user_errors,
+)
+from training import choices
 
 # `train` options that are not TrainConfig fields.
 _NOT_FIELDS = ("config", "progressive_via", "via_epochs", "via_max_images")
 
 
 def _plain(value):
-    """An option's value as TrainConfig holds it (enum -> its value, path -> str)."""
-    if isinstance(value, Enum):
-        return value.value
+    """An option's value as TrainConfig holds it (a path as str)."""
     return str(value) if isinstance(value, Path) else value
 
 
@@ -72,38 +50,38 @@ def _options(ctx: typer.Context, config: Path | None) -> dict:
     return {**values, **{k: v for k, v in from_file.items() if k not in given}}
 
 
-class Tta(StrEnum):
-    none = "none"
-    flips = "flips"
-    full = "full"
-
-
-class Roi(StrEnum):
-    off = "off"
-    annotations = "annotations"
-    localiser = "localiser"
-
-
 @app.command()
 def train(
     ctx: typer.Context,
     data: Annotated[
-        Path | None, typer.Option(help="Dataset root (or `data:` in the --config file).")
+        Path | None,
+        typer.Option(metavar="ROOT", help="Dataset root (or `data:` in the --config file)."),
     ] = None,
-    backbone: Annotated[Backbone, typer.Option(help="Convolutional base.")] = Backbone.tiny,
-    strategy: Annotated[Strategy, typer.Option(help="Fine-tuning strategy.")] = Strategy.full,
+    backbone: Annotated[
+        Literal[choices.BACKBONES], typer.Option(help="Convolutional base.")
+    ] = "tiny",
+    strategy: Annotated[
+        Literal[choices.STRATEGIES], typer.Option(help="Fine-tuning strategy.")
+    ] = "full",
     classifier: Annotated[
-        Classifier, typer.Option(help="Head: softmax, or SVM / RF on pooled features.")
-    ] = Classifier.softmax,
+        Literal[choices.CLASSIFIERS],
+        typer.Option(help="Head: softmax, or SVM / RF on pooled features."),
+    ] = "softmax",
     epochs: Annotated[int, typer.Option(help="Training epochs (two-phase: both phases).")] = 10,
     image_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 224,
     weights: Annotated[
-        str, typer.Option(help="'imagenet' (Keras cache), 'none', or a local weights file.")
+        str,
+        typer.Option(
+            metavar="WEIGHTS", help="'imagenet' (Keras cache), 'none', or a local weights file."
+        ),
     ] = "none",
     init_from: Annotated[
-        str | None, typer.Option(help="Start the backbone from this MLflow run's model.")
+        str | None,
+        typer.Option(metavar="RUN_ID", help="Start the backbone from this MLflow run's model."),
     ] = None,
-    manifest: Annotated[Path | None, typer.Option(help="CSV with image,case_id columns.")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(metavar="CSV", help="CSV with image,case_id columns.")
+    ] = None,
     unfreeze_blocks: Annotated[
         int, typer.Option(help="Blocks from the top that 'partial' and 'two-phase' unfreeze.")
     ] = 1,
@@ -118,12 +96,12 @@ def train(
         int | None, typer.Option(help="Stratified subsample of the dataset (quick runs).")
     ] = None,
     class_weights: Annotated[
-        ClassWeights,
+        Literal[choices.CLASS_WEIGHTINGS],
         typer.Option(
             help="'global': classes balanced over the training set; 'source': balanced "
             "within every image source (scanner), each source weighing the same."
         ),
-    ] = ClassWeights.global_,
+    ] = "global",
     scanner_augment: Annotated[
         bool,
         typer.Option(
@@ -143,8 +121,9 @@ def train(
     progressive_via: Annotated[
         Path | None,
         typer.Option(
+            metavar="ROOT",
             help="Intermediate dataset for progressive transfer: radiographs (chest-xray) or "
-            "ultrasound (breast-us: its images/ folder of benign / malignant / normal)."
+            "ultrasound (breast-us: its images/ folder of benign / malignant / normal).",
         ),
     ] = None,
     via_epochs: Annotated[
@@ -154,12 +133,12 @@ def train(
         int | None, typer.Option(help="Subsample of the intermediate dataset.")
     ] = None,
     roi: Annotated[
-        Roi,
+        Literal[choices.ROI_MODES],
         typer.Option(
             help="Nodule-centred input: off (whole frame), annotations (annotated box, the "
             "localiser's for the rest) or localiser (its box everywhere)."
         ),
-    ] = Roi.off,
+    ] = "off",
     roi_margin: Annotated[
         float, typer.Option(help="Context around the ROI per side, fraction of its longer side.")
     ] = 0.3,
@@ -169,12 +148,16 @@ def train(
     annotations: Annotated[
         Path | None,
         typer.Option(
-            help="Annotation CSV (default: annotations.csv / ddti-annotations.csv in ROOT)."
+            metavar="CSV",
+            help="Annotation CSV (default: annotations.csv / ddti-annotations.csv in ROOT).",
         ),
     ] = None,
     localiser: Annotated[
         str | None,
-        typer.Option(help="Localiser: its MLflow run id, export folder or localiser.onnx."),
+        typer.Option(
+            metavar="LOCALISER",
+            help="Localiser: its MLflow run id, export folder or localiser.onnx.",
+        ),
     ] = None,
     descriptors: Annotated[
         bool,
@@ -185,22 +168,31 @@ def train(
         ),
     ] = False,
     tta: Annotated[
-        Tta,
+        Literal[choices.TTA_MODES],
         typer.Option(
             help="Evaluate with test-time augmentation (softmax on whole frames): none, flips "
             "or full; `export` then builds the same views into the graph (docs/models.md)."
         ),
-    ] = Tta.none,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "thyroid-cad",
+    ] = "none",
+    experiment: Annotated[
+        str, typer.Option(metavar="NAME", help="MLflow experiment.")
+    ] = "thyroid-cad",
     config: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="YAML file of training options (TrainConfig fields, e.g. configs/best.yaml); "
-            "options given on the command line override it."
+            "options given on the command line override it.",
         ),
     ] = None,
 ):
     """Train one model and log it to MLflow; prints the run id last."""
+    check_path(data, "dataset folder")
+    check_path(config, "configuration")
+    check_path(manifest, "manifest")
+    check_path(annotations, "annotation file")
+    check_path(progressive_via, "intermediate dataset")
+    check_path(None if weights in ("imagenet", "none", "") else weights, "weights file")
     start_tensorflow()
     from training.train import TrainConfig, train_progressive
     from training.train import train as run
@@ -211,7 +203,7 @@ def train(
             raise ValueError("no dataset: give --data ROOT or `data:` in the --config file")
         via, via_epochs, via_max_images = (values.pop(k, None) for k in _NOT_FIELDS[1:])
         cfg = TrainConfig(**{k: v for k, v in values.items() if k not in _NOT_FIELDS})
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         if via:
             run_id = train_progressive(cfg, via, via_epochs, None, via_max_images)
         else:
@@ -219,71 +211,85 @@ def train(
     typer.echo(run_id)
 
 
-@app.command()
+@app.command(short_help="Train a grid of options; prints the parent run id.")
 def sweep(
     config: Annotated[
-        Path, typer.Argument(help="YAML sweep configuration (see docs/training.md).")
+        Path,
+        typer.Argument(metavar="CONFIG", help="YAML sweep configuration (see docs/training.md)."),
     ],
     fresh: Annotated[
-        bool, typer.Option(help="Start a new sweep instead of resuming an unfinished one.")
+        bool,
+        typer.Option(
+            metavar="FILE", help="Start a new sweep instead of resuming an unfinished one."
+        ),
     ] = False,
 ):
     """Train a grid of backbone x strategy x classifier x stage; prints the parent run id last."""
+    check_path(config, "sweep configuration")
     start_tensorflow()
     from training import sweep as sweeps
 
     with user_errors():
         spec = sweeps.load_config(config)
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         parent_id, table = sweeps.run_sweep(spec, resume=not fresh)
     typer.echo(table)
     typer.echo(parent_id)
 
 
-@app.command()
+@app.command(short_help="Export a run to ONNX with its model card.")
 def export(
     run_ids: Annotated[
         list[str],
         typer.Argument(
-            help="Training run (or progressive / sweep parent); several: one ensemble graph."
+            metavar="RUN_ID...",
+            help="Training run (or progressive / sweep parent); several: one ensemble graph.",
         ),
     ],
-    out: Annotated[Path, typer.Option(help="Folder for model.onnx and model_card.json.")] = Path(
-        "export"
-    ),
+    out: Annotated[
+        Path, typer.Option(metavar="DIR", help="Folder for model.onnx and model_card.json.")
+    ] = Path("export"),
     tta: Annotated[
-        Tta | None,
+        str | None,
         typer.Option(
+            metavar="MODE",
             help="Test-time augmentation in the graph: none; flips (left-right); full (flips, "
             "shifts and zooms). Probabilities averaged over the views (docs/models.md). "
-            "Default: the run's own --tta from training, else none."
+            "Default: the run's own --tta from training, else none.",
         ),
     ] = None,
     ensemble: Annotated[
         str | None,
         typer.Option(
+            metavar="folds",
             help="'folds': export the leave-one-source-out fold models of RUN_ID (trained "
-            "with --loso) as one ensemble graph."
+            "with --loso) as one ensemble graph.",
         ),
     ] = None,
     weights: Annotated[
         str | None,
-        typer.Option(help="Ensemble member weights, comma-separated (default: equal)."),
+        typer.Option(
+            metavar="W1,W2,...",
+            help="Ensemble member weights, comma-separated (default: equal).",
+        ),
     ] = None,
 ):
     """Export a run to ONNX (probabilities + in-graph Grad-CAM) with its model card;
     with --tta, several runs or --ensemble folds: one graph averaging views and members."""
+    if tta is not None and tta not in choices.TTA_MODES:
+        fail(f"--tta must be one of {', '.join(choices.TTA_MODES)}; got {tta!r}")
+    existing_store()
     start_tensorflow()
     from training import ensemble as combined
     from training import tracking
 
-    with user_errors(), contextlib.redirect_stdout(sys.stderr):
+    with user_errors(), progress_hidden():
         tracking.setup_uri()
         try:
             mix = [float(w) for w in weights.split(",")] if weights else None
         except ValueError as e:
             raise ValueError(f"--weights must be comma-separated numbers: {e}") from e
-        card = combined.export_runs(run_ids, out, tta and tta.value, mix, ensemble)
+        card = combined.export_runs(run_ids, out, tta, mix, ensemble)
     parity = card["parity"]
     log.info("parity %s: %s", "passed" if parity["passed"] else "FAILED", json.dumps(parity))
     typer.echo(str(out / "model.onnx"))

@@ -28,13 +28,12 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from registry import gate
+from registry import DEFAULT_NAME, gate
 from thyroid_cad import settings
 from thyroid_cad.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAME = "thyroid-nodule-classifier"
 ALIASES = ("champion", "challenger")
 HISTORY_PREFIX = "history."
 _URI = re.compile(r"^(?P<name>[^@/]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
@@ -48,12 +47,21 @@ class RegistryUnavailable(RegistryError):
     """The registry did not answer (network, server down): a cached model may serve."""
 
 
+class AliasNotSet(RegistryError):
+    """The registry answered: no version holds this alias (yet)."""
+
+    def __init__(self, name: str, alias: str):
+        super().__init__(f"{name}@{alias} not found in the registry: the alias is not set")
+
+
 # Error codes with which a registry that did answer says "no such model / alias".
 _ANSWERED = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST"}
 
 
-def _lookup_error(uri: str, e: MlflowException) -> RegistryError:
+def _lookup_error(uri: str, e: MlflowException, name: str, alias: str | None) -> RegistryError:
     if getattr(e, "error_code", "") in _ANSWERED:
+        if alias:
+            return AliasNotSet(name, alias)
         return RegistryError(f"{uri} not found in the registry: {e.message}")
     return RegistryUnavailable(f"registry unavailable while resolving {uri}: {e.message}")
 
@@ -141,8 +149,8 @@ def register(directory: Path, name: str = DEFAULT_NAME) -> int:
         mlflow.set_experiment(experiment_id=run.info.experiment_id)
         run_kwargs = {"run_id": run.info.run_id}
     if run_kwargs is None:
-        experiment = mlflow.set_experiment("thyroid-cad-registry")
-        run_kwargs = {"experiment_id": experiment.experiment_id, "run_name": f"register-{name}"}
+        experiment_id = settings.use_experiment("thyroid-cad-registry")
+        run_kwargs = {"experiment_id": experiment_id, "run_name": f"register-{name}"}
     model = onnx.load_model(onnx_path)
     size = int(card["input_size"])
     example = np.zeros((1, size, size, 3), dtype=np.uint8)
@@ -256,8 +264,11 @@ def _get_version(name: str, version: int):
 
 
 def list_versions(name: str = DEFAULT_NAME) -> list[VersionInfo]:
+    """Every version of `name`, newest first; none when nothing was registered under it."""
     try:
         versions = client().search_model_versions(f"name = '{name}'")
+        if not versions:
+            return []
         aliases = _aliases(name)
     except MlflowException as e:
         raise RegistryError(f"cannot list {name}: {e}") from e
@@ -266,6 +277,29 @@ def list_versions(name: str = DEFAULT_NAME) -> list[VersionInfo]:
 
 def show(version: int, name: str = DEFAULT_NAME) -> VersionInfo:
     return _version_info(_get_version(name, version))
+
+
+def reference(text: str, name: str = DEFAULT_NAME) -> str:
+    """What a user typed for a version, as `NAME@ALIAS` or `NAME/VERSION`: a number is a
+    version of `name`, a bare word one of its aliases (`champion`), anything with `@` or
+    `/` a full reference."""
+    text = text.strip()
+    if text.isdigit():
+        return f"{name}/{text}"
+    if "@" in text or "/" in text:
+        return text
+    return f"{name}@{text}"
+
+
+def find(text: str, name: str = DEFAULT_NAME) -> VersionInfo:
+    """The version a reference (see `reference`) names."""
+    uri = reference(text, name)
+    name, alias, version = parse_uri(uri)
+    if alias:
+        version = alias_version(name, alias)
+        if version is None:
+            raise AliasNotSet(name, alias)
+    return show(version, name)
 
 
 def alias_version(name: str, alias: str) -> int | None:
@@ -432,7 +466,7 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
             else c.get_model_version(name, str(version))
         )
     except MlflowException as e:
-        raise _lookup_error(uri, e) from e
+        raise _lookup_error(uri, e, name, alias) from e
     sha = (mv.tags or {}).get("sha256", "")
     target = cache_root() / name / f"{mv.version}-{sha[:12]}"
     hit = (target / "model.onnx").is_file() and sha256_file(target / "model.onnx") == sha
@@ -480,11 +514,16 @@ def resolve(uri: str, out_dir: Path | None = None) -> Resolved:
             )
         )
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in ("model.onnx", "model_card.json", *(card.get("bundle") or {})):
-            shutil.copy(target / f, out_dir / f)
+        copy_out(result, out_dir)
     return result
+
+
+def copy_out(resolved: Resolved, out_dir: Path) -> None:
+    """Copy a resolved model's files (ONNX, card, bundled files) into a folder."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("model.onnx", "model_card.json", *(resolved.card.get("bundle") or {})):
+        shutil.copy(resolved.directory / f, out_dir / f)
 
 
 def _download(mv, dst: str) -> str:

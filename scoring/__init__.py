@@ -7,3 +7,7 @@ engines only decide where that function runs: `local` (a process pool on this ma
 
 Imports service/ and registry/, never training/ or TensorFlow (tests/test_layout.py).
 """
+
+# What the command line offers, importable without the engines' dependencies.
+ENGINES = ("local", "spark")
+SPARK_READS = ("binaryfile", "paths")  # Spark reads the bytes, or each task reads its paths

@@ -29,11 +29,10 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from scoring import archive
+from scoring import SPARK_READS, archive
 from service.inference.models import Runtime
 
 ENGINE = "spark"
-READS = ("binaryfile", "paths")
 SPARK_TYPES = {
     "string": "string",
     "int64": "bigint",
@@ -226,8 +225,8 @@ def run(
     conf: dict[str, str] | None = None,
 ) -> int:
     """Score `todo` into job.out with Spark; returns the rows written."""
-    if read not in READS:
-        raise ValueError(f"--spark-read must be one of {READS}, got {read!r}")
+    if read not in SPARK_READS:
+        raise ValueError(f"--spark-read must be one of {SPARK_READS}, got {read!r}")
     progress = progress or (lambda n: None)
     with _pandas_3_accepted():
         return _run(_session(master, conf), job, todo, progress, read, chunk_size)

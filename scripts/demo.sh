@@ -9,6 +9,11 @@ THYROID_CAD_HOME=$(realpath -m "${THYROID_CAD_HOME:-.thyroid-cad}")
 export THYROID_CAD_HOME
 DEMO=$THYROID_CAD_HOME/demo-data
 PORT=${PORT:-8000}
+# A busy port is said now, not after two minutes of training (serve checks it again).
+if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+  echo "error: port $PORT is in use; run make demo PORT=ANOTHER_PORT" >&2
+  exit 1
+fi
 
 rm -rf "$DEMO" "$THYROID_CAD_HOME/export"
 $T demo-data "$DEMO" --per-class 150

@@ -9,7 +9,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import onnxruntime as ort
 from pydantic import (
     AliasChoices,
     Field,
@@ -20,9 +19,16 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.inference import heatmaps
-from service.inference.models import GRAPH_OPTIMIZATION, GraphOptimization, IoBinding, Runtime
+from service.inference.runtime import (
+    DEFAULT_PROVIDERS,
+    GRAPH_OPTIMIZATION,
+    GraphOptimization,
+    IoBinding,
+    Runtime,
+)
 from thyroid_cad import settings as paths
+
+MAX_HEATMAP_PIXELS = 1920 * 1080  # full HD: the most a screen shows of one heatmap
 
 
 class Settings(BaseSettings):
@@ -38,7 +44,7 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(30.0, gt=0, description="How often the aliases are re-resolved.")
     max_loaded_models: int = Field(4, ge=1, description="Bound on sessions held in memory.")
     providers: list[str] = Field(
-        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        list(DEFAULT_PROVIDERS),
         min_length=1,
         description="onnxruntime providers, in order of preference.",
     )
@@ -81,7 +87,7 @@ class Settings(BaseSettings):
         5.0, ge=0, description="How long a request waits for room in decode_pixel_budget."
     )
     max_heatmap_pixels: int = Field(
-        heatmaps.MAX_PIXELS,
+        MAX_HEATMAP_PIXELS,
         ge=1,
         description="Largest heatmap rendered (png, overlay): bigger images get theirs "
         "scaled down to it (same aspect ratio); full HD and smaller frames keep their size.",
@@ -127,6 +133,10 @@ class Settings(BaseSettings):
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, providers: list[str]) -> list[str]:
+        if tuple(providers) == DEFAULT_PROVIDERS:
+            return providers  # known to every build: no onnxruntime import just to read settings
+        import onnxruntime as ort
+
         known = ort.get_all_providers()
         unknown = [p for p in providers if p not in known]
         if unknown:
@@ -160,11 +170,15 @@ class Settings(BaseSettings):
         None, ge=1, description="Multi-frame instances: the frame scored (default the first)."
     )
 
+    def local_database(self) -> Path | None:
+        """The SQLite file of the database, unless DATABASE_URL names another."""
+        return None if self.database_url else paths.home() / "requests.db"
+
     def audit_url(self) -> str:
         if self.database_url:
             return self.database_url  # a folder missing here is an outage, not ours to make
         paths.home().mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{paths.home() / 'requests.db'}"
+        return f"sqlite:///{self.local_database()}"
 
     def audit_spool(self) -> Path:
         return self.spool_dir or paths.home() / "audit-spool"

@@ -17,11 +17,10 @@ import keras
 from keras import layers, ops
 
 from thyroid_cad import tirads
+from training.choices import BACKBONES, STRATEGIES
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("tiny", "unet", "vgg16", "vgg19", "resnet50", "efficientnetb0")
-STRATEGIES = ("frozen", "partial", "full", "two-phase")
 
 # Block names of each backbone, input to output; a layer belongs to the block its
 # name starts with. Partial fine-tuning unfreezes the last N of these.

@@ -32,11 +32,11 @@ from thyroid_cad.files import sha256_file
 from thyroid_cad.settings import cache_dir
 from training import pipeline, tracking
 from training.annotations import for_dataset
+from training.choices import ROI_MODES
 from training.data import Dataset, ImageInfo
 
 log = logging.getLogger(__name__)
 
-ROI_MODES = ("off", "annotations", "localiser")
 # An exported localiser: its graph (uint8 image in, OUTPUT_NAME out) and its card.
 ONNX_FILE = "localiser.onnx"
 CARD_FILE = "localiser_card.json"

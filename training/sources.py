@@ -33,14 +33,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from training import evaluate
+from training.choices import CLASS_WEIGHTINGS
 from training.data import Dataset, ImageInfo
 
 MIN_SOURCE_IMAGES = 20
 MIN_SOURCE_FRACTION = 0.05
 OTHER = "other"
-# --class-weights: 'global' balances classes over the training set; 'source' balances
-# them within every source and gives every source the same total weight.
-CLASS_WEIGHTINGS = ("global", "source")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _RESERVED = {"min"}  # loso_auc_min is the minimum, not a source
 

@@ -23,14 +23,4 @@ def setup(experiment: str) -> str:
     Returns:
         The experiment id.
     """
-    uri = setup_uri()
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is not None:
-        mlflow.set_experiment(experiment_id=found.experiment_id)
-        return found.experiment_id
-    local = uri.startswith("sqlite:")
-    experiment_id = mlflow.create_experiment(
-        experiment, artifact_location=settings.artifact_root() if local else None
-    )
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
+    return settings.use_experiment(experiment)

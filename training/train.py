@@ -29,14 +29,13 @@ from thyroid_cad.imaging import PREPROCESSING_VERSION, ROI_MARGIN
 from training import descriptors as desc
 from training import evaluate, loso, models, pipeline, roi, sources, tracking, tta
 from training.audit import inspect_all
-from training.data import scan
+from training.choices import BACKBONES, CLASS_WEIGHTINGS, CLASSIFIERS, STAGES, STRATEGIES
+from training.data import Dataset, scan
 from training.fitting import MlflowEpochLogger, subsample
 from training.splits import grouped_split
 
 log = logging.getLogger(__name__)
 
-CLASSIFIERS = ("softmax", "svm", "rf")
-STAGES = ("thyroid", "radiograph")
 POSITIVE_CLASS = "malignant"
 # Temperatures outside this range are clipped (see where it is fitted).
 TEMPERATURE_RANGE = (0.25, 10.0)
@@ -81,18 +80,17 @@ class TrainConfig:
     run_name: str | None = None
 
     def validate(self) -> None:
-        if self.backbone not in models.BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose from {models.BACKBONES}")
-        if self.strategy not in models.STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {models.STRATEGIES}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose from {BACKBONES}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"unknown classifier {self.classifier!r}; choose from {CLASSIFIERS}")
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose from {STAGES}")
-        if self.class_weights not in sources.CLASS_WEIGHTINGS:
+        if self.class_weights not in CLASS_WEIGHTINGS:
             raise ValueError(
-                f"unknown class weighting {self.class_weights!r}; "
-                f"choose from {sources.CLASS_WEIGHTINGS}"
+                f"unknown class weighting {self.class_weights!r}; choose from {CLASS_WEIGHTINGS}"
             )
         if self.epochs < 1 and not (self.strategy == "frozen" and self.classifier != "softmax"):
             raise ValueError("epochs must be at least 1")

@@ -18,7 +18,6 @@ from keras import layers, ops
 
 from training import models
 
-TTA_MODES = ("none", "flips", "full")
 VIEWS = {
     "none": ("identity",),
     "flips": ("identity", "flip"),

@@ -15,11 +15,10 @@ import math
 import numpy as np
 from PIL import Image
 
+from service.config import MAX_HEATMAP_PIXELS
 from service.inference.models import LoadedModel
 from service.schemas import HeatmapOut
 from thyroid_cad import imaging
-
-MAX_PIXELS = 1920 * 1080  # full HD: the most a screen shows of one heatmap
 
 # The overlay's ramp, low to high: dark blue, blue, green, yellow, red. The page's colour
 # scale (static/index.html, #colour-scale) draws the same stops; a test keeps them equal.
@@ -65,7 +64,7 @@ def render_heatmap(
     mode: str,
     rgb: np.ndarray,
     geometry: imaging.Geometry,
-    max_pixels: int = MAX_PIXELS,
+    max_pixels: int = MAX_HEATMAP_PIXELS,
 ) -> HeatmapOut | None:
     if mode == "none":
         return None

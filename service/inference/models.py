@@ -16,69 +16,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
 from registry import store
 from service.errors import ApiError
-from service.inference.batching import Batcher, BatchPolicy, Outputs, Overloaded, Result
+from service.inference.batching import Batcher, Outputs, Overloaded, Result
+from service.inference.runtime import Runtime
 from thyroid_cad import imaging, nodule
 from thyroid_cad.files import sha256_file
 
 log = logging.getLogger(__name__)
-
-
-GraphOptimization = Literal["disable", "basic", "extended", "all"]
-IoBinding = Literal["auto", "on", "off"]  # auto: on with the CUDA provider
-GRAPH_OPTIMIZATION: dict[GraphOptimization, ort.GraphOptimizationLevel] = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-# Default frames per call, by provider. Measured in docs/benchmarks.md: on CPU one
-# onnxruntime call already uses every core and batching gains nothing, so requests only
-# queue (and run one at a time); on a GPU, batches pay off.
-DEFAULT_BATCH = {"CPUExecutionProvider": 1}
-GPU_DEFAULT_BATCH = 16
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """How models are run: onnxruntime providers and session options, and batching."""
-
-    providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
-    inter_op_threads: int = 0
-    # Spinning intra-op threads busy-wait between calls: in a service they burn the cores
-    # that decoding, the event loop and the HTTP stack share with them (docs/benchmarks.md).
-    allow_spinning: bool = False
-    graph_optimization: GraphOptimization = "all"
-    io_binding: IoBinding = "auto"
-    max_batch_size: int | None = None  # None: DEFAULT_BATCH by the provider in use
-    max_queue_delay_s: float = 0.002
-    max_queue_size: int = 64
-
-    def session_options(self) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        # Severity 4: the CUDA provider's failure on a CPU host is an [E] line with colour
-        # codes at every session; load() reports the provider in use itself, in one line.
-        options.log_severity_level = 4
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = self.inter_op_threads
-        spin = "1" if self.allow_spinning else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        options.graph_optimization_level = GRAPH_OPTIMIZATION[self.graph_optimization]
-        return options
-
-    def policy_for(self, provider: str) -> BatchPolicy:
-        size = self.max_batch_size or DEFAULT_BATCH.get(provider, GPU_DEFAULT_BATCH)
-        # With batches of one there is nothing to wait for.
-        delay = self.max_queue_delay_s if size > 1 else 0.0
-        return BatchPolicy(size, delay, self.max_queue_size)
 
 
 @dataclass(frozen=True)
@@ -304,13 +253,26 @@ class ModelManager:
         self._thread: threading.Thread | None = None
         self.registry_reachable = False
         self.errors: dict[str, str] = {}  # alias -> why it is not (or not newly) loaded
+        # Extra aliases the registry says no version holds: normal (a fresh registry has
+        # no challenger), so not an error. Replaced, never changed in place: routes read it
+        # while the poller thread updates it.
+        self.not_set: frozenset[str] = frozenset()
 
     # -- resolution ---------------------------------------------------------------
     def _resolve(self, alias: str) -> store.Resolved | None:
         try:
             resolved = store.resolve(f"{self.name}@{alias}")
             self.registry_reachable = True
+            self.not_set = self.not_set - {alias}
             return resolved
+        except store.AliasNotSet as e:
+            self.registry_reachable = True
+            if alias == self.default_alias:
+                self.errors[alias] = str(e)
+            else:
+                self.errors.pop(alias, None)
+                self.not_set = self.not_set | {alias}
+            return None
         except store.RegistryError as e:
             self.registry_reachable = not isinstance(e, store.RegistryUnavailable)
             self.errors[alias] = str(e)
@@ -419,7 +381,13 @@ class ModelManager:
                     "model_not_ready",
                     f"no model loaded for {self.name}@{alias}: {self.last_error}",
                 )
-            raise ApiError(404, "alias_not_found", f"{self.name}@{alias} is not loaded")
+            if alias in self.not_set:
+                why = "no version holds that alias"
+            elif alias in self.aliases:
+                why = self.errors.get(alias, "not loaded yet")
+            else:  # say how to have it served
+                why = f"only {', '.join(self.aliases)} are served (THYROID_CAD_EXTRA_ALIASES)"
+            raise ApiError(404, "alias_not_found", f"{self.name}@{alias} is not loaded: {why}")
         return model, alias
 
     def _get_version(self, version: int) -> LoadedModel:

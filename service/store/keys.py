@@ -22,11 +22,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from service.store import SCOPES
 from service.store.db import ApiKeyRow, Database, _utcnow
 
 log = logging.getLogger(__name__)
 
-SCOPES = frozenset({"predict", "feedback", "admin"})
 # Which key scopes may use a route of each scope: admin keys may do everything; a
 # feedback key records outcomes (and reads live performance) but does not predict.
 GRANTS: dict[str, frozenset[str]] = {

@@ -450,6 +450,7 @@ def models(request: Request, key: PredictKey):
         "default_alias": manager.default_alias,
         "registry_reachable": manager.registry_reachable,
         "errors": manager.errors,
+        "not_set": {alias: "not set" for alias in sorted(manager.not_set)},
         "models": manager.loaded(),
     }
 
