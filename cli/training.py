@@ -20,6 +20,8 @@ class Backbone(StrEnum):
     vgg19 = "vgg19"
     resnet50 = "resnet50"
     efficientnetb0 = "efficientnetb0"
+    mobilenetv2 = "mobilenetv2"
+    squeezenet = "squeezenet"
 
 
 class Strategy(StrEnum):
@@ -33,6 +35,7 @@ class Classifier(StrEnum):
     softmax = "softmax"
     svm = "svm"
     rf = "rf"
+    logreg = "logreg"
 
 
 class ClassWeights(StrEnum):
@@ -87,12 +90,18 @@ def train(
     backbone: Annotated[Backbone, typer.Option(help="Convolutional base.")] = Backbone.tiny,
     strategy: Annotated[Strategy, typer.Option(help="Fine-tuning strategy.")] = Strategy.full,
     classifier: Annotated[
-        Classifier, typer.Option(help="Head: softmax, or SVM / RF on pooled features.")
+        Classifier,
+        typer.Option(help="Head: softmax, or SVM / RF / logistic regression on pooled features."),
     ] = Classifier.softmax,
     epochs: Annotated[int, typer.Option(help="Training epochs (two-phase: both phases).")] = 10,
     image_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 224,
     weights: Annotated[
-        str, typer.Option(help="'imagenet' (Keras cache), 'none', or a local weights file.")
+        str,
+        typer.Option(
+            help="'imagenet' (Keras cache), 'none', or a local weights file: Keras .h5 / "
+            ".weights.h5, an ImageNet TFLite MobileNetV2 (mobilenetv2), the Keras-1 SqueezeNet "
+            "v1.1 .h5 (squeezenet)."
+        ),
     ] = "none",
     init_from: Annotated[
         str | None, typer.Option(help="Start the backbone from this MLflow run's model.")
@@ -103,8 +112,21 @@ def train(
     ] = 1,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     learning_rate: Annotated[
-        float | None, typer.Option(help="Default: 1e-3, or 1e-4 when fine-tuning learned weights.")
+        float | None, typer.Option(help="The head's learning rate (default 1e-3).")
     ] = None,
+    backbone_lr_factor: Annotated[
+        float | None,
+        typer.Option(
+            help="Backbone learning rate = head's x this (default 0.1 from learned weights, "
+            "1 from scratch)."
+        ),
+    ] = None,
+    warmup_epochs: Annotated[
+        int | None, typer.Option(help="two-phase: epochs of head-only warm-up (default a third).")
+    ] = None,
+    classifier_c: Annotated[
+        float, typer.Option(help="svm / logreg: C, the inverse regularisation strength.")
+    ] = 1.0,
     seed: Annotated[
         int, typer.Option(help="Seed for the split, initialisation and augmentation.")
     ] = 0,

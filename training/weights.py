@@ -63,15 +63,6 @@ class Report:
     tensors_used: int
     skipped: dict[str, str] = field(default_factory=dict)  # tensor -> why (declared)
 
-    def params(self) -> dict[str, str | int]:
-        return {
-            "weights_path": self.path,
-            "weights_sha256": self.sha256,
-            "weights_format": self.format,
-            "weights_tensors_used": self.tensors_used,
-            "weights_skipped": ",".join(sorted(self.skipped)) or "none",
-        }
-
 
 def is_tflite(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".tflite"
