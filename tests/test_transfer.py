@@ -111,4 +111,27 @@ def test_run_from_an_imagenet_tflite_file_logs_its_provenance(home, phantom_root
     assert info["pretrained"]["weights"] == str(path)
     card = export.export_run(run_id, tmp_path)
     assert card["pretrained"]["weights_sha256"] == run.data.params["weights_sha256"]
-    assert card["parity"]["passed"], card["parity"]
+    assert card["parity"]["passed"], json.dumps(card["parity"])
+
+
+def test_mobilenetv2_run_exports_with_heatmap_and_ood(home, phantom_root, tmp_path):
+    """Downstream of a new backbone (weights=None, 64 px: a 2x2 last feature map): the
+    exported graph carries Grad-CAM of its last convolution and the OOD score, both
+    checked against Keras."""
+    run_id = train(
+        TrainConfig(
+            data=str(phantom_root),
+            backbone="mobilenetv2",
+            strategy="frozen",  # untrained features: one epoch from scratch
+            # leaves MobileNetV2's slow (momentum 0.999) batch-norm statistics unsettled
+            epochs=1,
+            image_size=64,
+            max_images=60,
+            experiment="tests",
+        )
+    )
+    card = export.export_run(run_id, tmp_path)
+    assert card["backbone"] == "mobilenetv2" and card["pretrained"] is None
+    assert card["heatmap"] is True and card["heatmap_shape"][1:] == [2, 2, 2]
+    assert card["parity"]["passed"], json.dumps(card["parity"])
+    assert card["ood"]["threshold"] > 0 and card["parity"]["ood_score_max_rel_diff"] < 1e-3
