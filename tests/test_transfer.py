@@ -135,3 +135,23 @@ def test_mobilenetv2_run_exports_with_heatmap_and_ood(home, phantom_root, tmp_pa
     assert card["heatmap"] is True and card["heatmap_shape"][1:] == [2, 2, 2]
     assert card["parity"]["passed"], json.dumps(card["parity"])
     assert card["ood"]["threshold"] > 0 and card["parity"]["ood_score_max_rel_diff"] < 1e-3
+
+
+def test_frozen_features_are_cached_once_per_backbone_and_images(tmp_path, monkeypatch):
+    from training import train as train_module
+
+    home = tmp_path
+    monkeypatch.setenv("THYROID_CAD_HOME", str(home))
+    model = models.build_model("tiny", 2, 32)
+    images = np.random.default_rng(3).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    rows = {"train": [0, 1, 2, 3], "test": [4, 5]}
+    cfg = TrainConfig(data="d", strategy="frozen", classifier="logreg", seed=11)
+    first = train_module._pooled_features(model, cfg, images, rows)
+    assert first["train"].shape == (4, 96) and first["test"].shape == (2, 96)
+    cache = sorted((home / "cache").glob("features-*.npy"))
+    assert len(cache) == 1
+    again = train_module._pooled_features(model, cfg, images, rows)
+    np.testing.assert_array_equal(again["test"], first["test"])
+    other = train_module._pooled_features(model, cfg, images[::-1].copy(), rows)
+    assert not np.array_equal(other["test"], first["test"])  # other images: computed anew
+    assert len(list((home / "cache").glob("features-*.npy"))) == 2

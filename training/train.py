@@ -8,6 +8,7 @@ against the shortcut floor -> (optional leave-one-source-out folds) -> log every
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -424,11 +425,9 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             mlflow.log_metrics({"temperature": temperature, "val_ece_uncalibrated": raw_ece})
             extra["temperature"] = temperature
         else:
-            features = models.feature_extractor(model)
-            feats = {
-                s: features.predict(pipeline.make_dataset(x[s], None, k, cfg.batch_size), verbose=0)
-                for s in x
-            }
+            feats = _pooled_features(
+                model, cfg, images, {s: [row[i] for i in v] for s, v in idx.items()}
+            )
             # class_weight='balanced' is in the estimator; 'source' adds the source part.
             source_part = (
                 sources.source_weights(y["train"], train_sources)
@@ -527,6 +526,26 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             | robust
         )
         return run.info.run_id
+
+
+def _pooled_features(model, cfg: TrainConfig, images: np.ndarray, rows: dict) -> dict:
+    """Pooled features of every split. Straight from the initial backbone (frozen, no
+    --init-from) they depend only on the backbone, its weights and the images: cached
+    on disk, so classifier sweeps and leave-one-source-out folds compute them once."""
+    features = models.feature_extractor(model)
+
+    def compute(batch: np.ndarray) -> np.ndarray:
+        return features.predict(pipeline.make_dataset(batch, None, 2, cfg.batch_size), verbose=0)
+
+    if cfg.strategy == "frozen" and not cfg.init_from:
+        weights = models.resolve_weights(cfg.weights)
+        origin = sha256_file(weights) if weights not in (None, "imagenet") else str(weights)
+        digest = hashlib.sha256(images.tobytes()).hexdigest()
+        key = f"{cfg.backbone}|{origin}|{cfg.seed}|{images.shape}|{digest}"
+        every = pipeline.cached("features", key, lambda: compute(images))
+    else:
+        every = compute(images)
+    return {s: every[r] for s, r in rows.items()}
 
 
 def _log_weights(cfg: TrainConfig, images: np.ndarray) -> dict:
