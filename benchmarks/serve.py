@@ -462,7 +462,7 @@ def chart(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", default="efficientnetb0,resnet50")
+    parser.add_argument("--backbones", default="efficientnetb0,resnet50,mobilenetv2")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0, help="least time per cell")

@@ -65,14 +65,17 @@ def train(
     ] = "full",
     classifier: Annotated[
         Literal[choices.CLASSIFIERS],
-        typer.Option(help="Head: softmax, or SVM / RF on pooled features."),
+        typer.Option(help="Head: softmax, or SVM / RF / logistic regression on pooled features."),
     ] = "softmax",
     epochs: Annotated[int, typer.Option(help="Training epochs (two-phase: both phases).")] = 10,
     image_size: Annotated[int, typer.Option(help="Model input side in pixels.")] = 224,
     weights: Annotated[
         str,
         typer.Option(
-            metavar="WEIGHTS", help="'imagenet' (Keras cache), 'none', or a local weights file."
+            metavar="WEIGHTS",
+            help="'imagenet' (Keras cache), 'none', or a local weights file: Keras .h5 / "
+            ".weights.h5, an ImageNet TFLite MobileNetV2 (mobilenetv2), the Keras-1 SqueezeNet "
+            "v1.1 .h5 (squeezenet).",
         ),
     ] = "none",
     init_from: Annotated[
@@ -87,8 +90,21 @@ def train(
     ] = 1,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
     learning_rate: Annotated[
-        float | None, typer.Option(help="Default: 1e-3, or 1e-4 when fine-tuning learned weights.")
+        float | None, typer.Option(help="The head's learning rate (default 1e-3).")
     ] = None,
+    backbone_lr_factor: Annotated[
+        float | None,
+        typer.Option(
+            help="Backbone learning rate = head's x this (default 0.1 from learned weights, "
+            "1 from scratch)."
+        ),
+    ] = None,
+    warmup_epochs: Annotated[
+        int | None, typer.Option(help="two-phase: epochs of head-only warm-up (default a third).")
+    ] = None,
+    classifier_c: Annotated[
+        float, typer.Option(help="svm / logreg: C, the inverse regularisation strength.")
+    ] = 1.0,
     seed: Annotated[
         int, typer.Option(help="Seed for the split, initialisation and augmentation.")
     ] = 0,

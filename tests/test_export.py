@@ -90,7 +90,9 @@ def test_heatmap_parity_on_real_ultrasound(home, tiny_run, thyroid_seed, tmp_pat
     assert card["parity"]["heatmap_min_pearson"] >= 0.99
 
 
-@pytest.mark.parametrize("backbone", ["vgg16", "vgg19", "resnet50", "efficientnetb0"])
+@pytest.mark.parametrize(
+    "backbone", ["vgg16", "vgg19", "resnet50", "efficientnetb0", "mobilenetv2", "squeezenet"]
+)
 def test_every_backbone_exports_with_parity(backbone, tmp_path):
     model = models.build_model(backbone, 3, 32)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)

@@ -19,7 +19,9 @@ def test_every_weighted_backbone_layer_has_a_block(backbone):
     assert orphans == []
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "vgg16", "resnet50", "efficientnetb0"])
+@pytest.mark.parametrize(
+    "backbone", ["tiny", "vgg16", "resnet50", "efficientnetb0", "mobilenetv2", "squeezenet"]
+)
 def test_strategies_open_the_right_layers(backbone):
     model = models.build_model(backbone, 3, 32)
     head = model.get_layer("cam_head")

@@ -6,9 +6,18 @@ sources.py the class weightings), and the command line offers exactly these, so 
 added here is a name `thyroid-cad train` accepts. Keep this module free of imports.
 """
 
-BACKBONES = ("tiny", "unet", "vgg16", "vgg19", "resnet50", "efficientnetb0")
+BACKBONES = (
+    "tiny",
+    "unet",
+    "vgg16",
+    "vgg19",
+    "resnet50",
+    "efficientnetb0",
+    "mobilenetv2",
+    "squeezenet",
+)
 STRATEGIES = ("frozen", "partial", "full", "two-phase")
-CLASSIFIERS = ("softmax", "svm", "rf")
+CLASSIFIERS = ("softmax", "svm", "rf", "logreg")
 # What a training run's images are: thyroid ultrasound, or the radiograph stage of
 # progressive transfer.
 STAGES = ("thyroid", "radiograph")

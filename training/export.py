@@ -43,6 +43,12 @@ INPUT_NAME = "image"
 PROBABILITY_TOLERANCE = 1e-4  # max abs difference, onnxruntime vs Keras
 HEATMAP_MIN_PEARSON = 0.99  # per image, after upsampling to the input size
 PARITY_IMAGES = 32
+# How a classifier on pooled features comes by its probabilities (the card says).
+_FEATURE_CALIBRATION = {
+    "svm": "Platt (SVM)",
+    "rf": "none (forest votes)",
+    "logreg": "logistic regression (its own probabilities)",
+}
 DISCLAIMER = "Research software: not for diagnostic use."
 INTENDED_USE = (
     "Decision support research on thyroid nodule ultrasound images: an estimated "
@@ -367,6 +373,8 @@ def model_card(
         "strategy": info.get("strategy"),
         "classifier": info.get("classifier"),
         "stage": info.get("stage"),
+        # Where the backbone's weights came from (path, sha256, import parity).
+        "pretrained": info.get("pretrained"),
         "training_data_fingerprint": info.get("dataset_fingerprint"),
         "split_id": info.get("split_id"),
         "threshold": float(info["threshold"]),
@@ -374,7 +382,7 @@ def model_card(
         "calibration": {
             "method": "temperature scaling on validation"
             if has_heatmap
-            else ("Platt (SVM)" if info.get("classifier") == "svm" else "none (forest votes)"),
+            else _FEATURE_CALIBRATION.get(info.get("classifier"), "none"),
             "temperature": info.get("temperature"),
         },
         "intended_use": INTENDED_USE,

@@ -17,6 +17,7 @@ import keras
 from keras import layers, ops
 
 from thyroid_cad import tirads
+from training import weights as weight_files
 from training.choices import BACKBONES, STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -41,13 +42,22 @@ BLOCKS = {
         "block7",
         "top",
     ),
+    # The stem, the 17 inverted-residual blocks, the 1280-channel top convolution.
+    "mobilenetv2": ("Conv1", "expanded_conv", *(f"block_{i}" for i in range(1, 17)), "Conv_1"),
+    "squeezenet": ("conv1", *(f"fire{i}" for i in range(2, 10))),
 }
 _KERAS_APPS = {
     "vgg16": keras.applications.VGG16,
     "vgg19": keras.applications.VGG19,
     "resnet50": keras.applications.ResNet50,
     "efficientnetb0": keras.applications.EfficientNetB0,
+    "mobilenetv2": keras.applications.MobileNetV2,
 }
+# Backbones whose weights files this project imports itself (training.weights) rather
+# than through Keras: ImageNet TFLite models, and the Keras 1 SqueezeNet file.
+_IMPORTED = ("mobilenetv2", "squeezenet")
+# The input size of the ImageNet TFLite files (their parity is checked there).
+TFLITE_SIZE = 224
 # Mean BGR pixel of ImageNet, subtracted by VGG and ResNet ("caffe" preprocessing).
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -180,6 +190,73 @@ def resolve_weights(weights: str | None) -> str | None:
     return str(path)
 
 
+def squeezenet_backbone(image_size: int) -> keras.Model:
+    """SqueezeNet v1.1 (Iandola et al. 2016) without its classifier, in Keras layers,
+    named so that the Keras 1 ImageNet file (training.weights.squeezenet_h5) fits it:
+    conv1 (3x3/2, 64) -> pool -> fire2, fire3 -> pool -> fire4, fire5 -> pool ->
+    fire6 ... fire9 (512 channels). A fire module squeezes with 1x1 convolutions, then
+    expands with 1x1 and 3x3 ones side by side. Caffe preprocessing, as it was trained.
+    """
+    inputs = keras.Input((image_size, image_size, 3))
+    x = CaffePreprocess(name="caffe_preprocess")(inputs)
+    x = layers.Conv2D(64, 3, strides=2, activation="relu", name="conv1")(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool1")(x)
+    widths = {2: (16, 64), 3: (16, 64), 4: (32, 128), 5: (32, 128)}
+    widths |= {6: (48, 192), 7: (48, 192), 8: (64, 256), 9: (64, 256)}
+    for i, (squeeze, expand) in widths.items():
+        name = f"fire{i}"
+        s = layers.Conv2D(squeeze, 1, activation="relu", name=f"{name}_squeeze1x1")(x)
+        e1 = layers.Conv2D(expand, 1, activation="relu", name=f"{name}_expand1x1")(s)
+        e3 = layers.Conv2D(expand, 3, padding="same", activation="relu", name=f"{name}_expand3x3")(
+            s
+        )
+        x = layers.Concatenate(name=f"{name}_concat")([e1, e3])
+        if i in (3, 5):
+            x = layers.MaxPooling2D(3, strides=2, name=f"pool{i}")(x)
+    return keras.Model(inputs, x, name="backbone")
+
+
+def _imported_base(backbone: str, image_size: int, weights: str | None) -> keras.Model:
+    """MobileNetV2 or SqueezeNet, its weights imported by training.weights where given
+    as a file (a TFLite model, Keras' own .h5 / .weights.h5, the Keras 1 SqueezeNet
+    file); 'imagenet' takes Keras' own download for MobileNetV2."""
+    if backbone == "squeezenet":
+        if weights == "imagenet":
+            raise ValueError(
+                "Keras has no SqueezeNet download; pass --weights PATH to the SqueezeNet "
+                "v1.1 ImageNet file (squeezenet_weights_tf_dim_ordering_tf_kernels_notop.h5)"
+            )
+        model = squeezenet_backbone(image_size)
+        if weights is not None:
+            weight_files.load(model, weights)
+        return model
+    file = weights if weights not in (None, "imagenet") else None
+    base = _keras_app(backbone, image_size, None if file else weights)
+    if file:
+        weight_files.load(base, file)
+    inputs = keras.Input((image_size, image_size, 3))
+    # MobileNet's convention: pixels 0..255 -> -1..1 (keras' mobilenet_v2.preprocess_input).
+    x = layers.Rescaling(1 / 127.5, offset=-1, name="mobilenet_preprocess")(inputs)
+    return keras.Model(inputs, base(x), name="backbone")
+
+
+def _keras_app(backbone: str, image_size: int, weights: str | None) -> keras.Model:
+    """A keras.applications base without its top, with a clear message when offline."""
+    try:
+        return _KERAS_APPS[backbone](
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
+        )
+    except Exception as e:  # keras raises bare Exception / URL errors when offline
+        if weights == "imagenet":
+            home = os.environ.get("KERAS_HOME", "~/.keras")
+            raise ValueError(
+                f"ImageNet weights for {backbone} are not in the Keras cache ({home}/models) "
+                f"and cannot be downloaded here ({type(e).__name__}: {e}). Copy the *_notop.h5 "
+                "file there, or pass --weights PATH to a local weights file."
+            ) from e
+        raise
+
+
 def build_backbone(backbone: str, image_size: int, weights: str | None) -> keras.Model:
     """The convolutional base, named 'backbone', with its normalization built in."""
     if backbone not in BACKBONES:
@@ -193,22 +270,36 @@ def build_backbone(backbone: str, image_size: int, weights: str | None) -> keras
         return tiny_backbone(image_size)
     if backbone == "unet":
         return unet_backbone(image_size, weights)
-    try:
-        base = _KERAS_APPS[backbone](
-            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
-        )
-    except Exception as e:  # keras raises bare Exception / URL errors when offline
-        if weights == "imagenet":
-            home = os.environ.get("KERAS_HOME", "~/.keras")
-            raise ValueError(
-                f"ImageNet weights for {backbone} are not in the Keras cache ({home}/models) "
-                f"and cannot be downloaded here ({type(e).__name__}: {e}). Copy the *_notop.h5 "
-                "file there, or pass --weights PATH to a local weights file."
-            ) from e
-        raise
+    if backbone in _IMPORTED:
+        return _imported_base(backbone, image_size, weights)
+    if weights not in (None, "imagenet") and weight_files.is_tflite(weights):
+        raise ValueError(f"TFLite weights import into mobilenetv2 only, not {backbone}")
+    base = _keras_app(backbone, image_size, weights)
     inputs = keras.Input((image_size, image_size, 3))
     x = inputs if backbone == "efficientnetb0" else CaffePreprocess(name="caffe_preprocess")(inputs)
     return keras.Model(inputs, base(x), name="backbone")
+
+
+def import_parity(backbone: str, weights: str, images) -> dict[str, float]:
+    """How closely the imported backbone reproduces a TFLite weights file, on `images`
+    (uint8, any size; resized to the file's 224 px): its pooled features against the
+    interpreter's, worst image (cosine similarity, relative L2 error). {} for other files.
+    """
+    weights = resolve_weights(weights)
+    if weights is None or weights == "imagenet" or not weight_files.is_tflite(weights):
+        return {}
+    import numpy as np
+    import tensorflow as tf
+
+    batch = tf.image.resize(np.asarray(images), (TFLITE_SIZE, TFLITE_SIZE), antialias=True)
+    batch = np.clip(np.round(batch.numpy()), 0, 255).astype("uint8")
+    base = build_backbone(backbone, TFLITE_SIZE, weights)
+    ours = ops.convert_to_numpy(ops.mean(base(batch.astype("float32")), axis=(1, 2)))
+    theirs = weight_files.tflite_outputs(weights, batch)["pooled"]
+    figures = weight_files.agreement(ours, theirs)
+    return {f"weights_parity_pooled_{k}": v for k, v in figures.items()} | {
+        "weights_parity_images": len(batch)
+    }
 
 
 def build_model(
@@ -283,6 +374,7 @@ def feature_extractor(model: keras.Model) -> keras.Model:
 
 def block_of(backbone: str, layer_name: str) -> str | None:
     """The block a layer belongs to, or None (normalization, padding, input layers)."""
+    layer_name = layer_name.removeprefix("bn_")  # MobileNetV2's stem batch norm: bn_Conv1
     for block in BLOCKS[backbone]:
         rest = layer_name[len(block) :]
         if layer_name.startswith(block) and (

@@ -8,6 +8,7 @@ against the shortcut floor -> (optional leave-one-source-out folds) -> log every
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -21,13 +22,16 @@ import numpy as np
 import tensorflow as tf
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from thyroid_cad.files import sha256_file
 from thyroid_cad.imaging import PREPROCESSING_VERSION, ROI_MARGIN
 from training import descriptors as desc
-from training import evaluate, loso, models, pipeline, roi, sources, tracking, tta
+from training import evaluate, loso, models, optim, pipeline, roi, sources, tracking, tta
+from training import weights as weight_files
 from training.audit import inspect_all
 from training.choices import BACKBONES, CLASS_WEIGHTINGS, CLASSIFIERS, STAGES, STRATEGIES
 from training.data import Dataset, scan
@@ -37,6 +41,8 @@ from training.splits import grouped_split
 log = logging.getLogger(__name__)
 
 POSITIVE_CLASS = "malignant"
+# Training images on which an imported TFLite file's parity is measured.
+PARITY_IMAGES = 8
 # Temperatures outside this range are clipped (see where it is fitted).
 TEMPERATURE_RANGE = (0.25, 10.0)
 
@@ -60,6 +66,9 @@ class TrainConfig:
     test_fraction: float = 0.15
     unfreeze_blocks: int = 1
     learning_rate: float | None = None
+    backbone_lr_factor: float | None = None
+    warmup_epochs: int | None = None
+    classifier_c: float = 1.0
     patience: int = 5
     target_sensitivity: float = 0.90
     augment: bool = True
@@ -104,6 +113,12 @@ class TrainConfig:
             raise ValueError(f"unknown TTA mode {self.tta!r}; choose from {tta.TTA_MODES}")
         if self.tta != "none" and self.roi != "off":
             raise ValueError("--tta is for whole-frame models (--roi off)")
+        if self.strategy == "two-phase" and not 1 <= self.warmup_epochs_ < self.epochs:
+            raise ValueError("warm-up epochs must be at least 1 and fewer than epochs")
+        if self.backbone_lr_factor is not None and not 0 < self.backbone_lr_factor <= 1:
+            raise ValueError("the backbone's learning-rate factor must be in (0, 1]")
+        if self.classifier_c <= 0:
+            raise ValueError("classifier C (inverse regularisation) must be positive")
         roi.check_config(self)
         models.resolve_weights(self.weights)
 
@@ -111,20 +126,39 @@ class TrainConfig:
     def pretrained(self) -> bool:
         return self.init_from is not None or models.resolve_weights(self.weights) is not None
 
+    @property
+    def head_lr(self) -> float:
+        return self.learning_rate or 1e-3
 
-def _compile(model: keras.Model, learning_rate: float) -> None:
+    @property
+    def backbone_lr(self) -> float:
+        """The head's rate x the factor: by default 1/10 from learned weights, whose
+        features small steps keep; the same rate from scratch."""
+        factor = self.backbone_lr_factor
+        return self.head_lr * (factor if factor is not None else 0.1 if self.pretrained else 1.0)
+
+    @property
+    def warmup_epochs_(self) -> int:
+        """Two-phase: epochs that train the head alone before the top blocks open."""
+        return self.warmup_epochs or max(1, self.epochs // 3)
+
+
+def _compile(model: keras.Model, head_lr: float, backbone_lr: float) -> None:
     metrics = [keras.metrics.AUC(name="auc"), keras.metrics.CategoricalAccuracy(name="accuracy")]
+    optimizer = optim.TwoRateAdam(
+        head_lr, backbone_lr / head_lr, model.get_layer("backbone").trainable_weights
+    )
     if isinstance(model.output, dict):  # descriptor heads: one masked loss per output
         heads = [name for name in model.output if name != "probabilities"]
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
+            optimizer=optimizer,
             loss={name: keras.losses.CategoricalCrossentropy() for name in model.output},
             loss_weights={"probabilities": 1.0, **dict.fromkeys(heads, desc.LOSS_WEIGHT)},
             metrics={"probabilities": metrics},
         )
         return
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(),
         metrics=metrics,
     )
@@ -133,24 +167,26 @@ def _compile(model: keras.Model, learning_rate: float) -> None:
 def _fit(model, cfg: TrainConfig, train_ds, val_ds, history) -> None:
     """Fine-tune by strategy; two-phase warms the head up frozen, then opens the top.
 
+    The head learns at cfg.head_lr, the backbone's open blocks at cfg.backbone_lr.
     Class (or within-source class) weights come with train_ds as sample weights.
     """
-    lr = cfg.learning_rate or (1e-4 if cfg.pretrained and cfg.strategy != "frozen" else 1e-3)
     phases = (
         [
-            ("frozen", max(1, cfg.epochs // 3), lr * 10 if cfg.learning_rate is None else lr),
-            ("partial", cfg.epochs - max(1, cfg.epochs // 3), lr / 10),
+            ("frozen", cfg.warmup_epochs_),
+            ("partial", cfg.epochs - cfg.warmup_epochs_),
         ]
         if cfg.strategy == "two-phase"
-        else [(cfg.strategy, cfg.epochs, lr)]
+        else [(cfg.strategy, cfg.epochs)]
     )
+    mlflow.log_params({"lr_head": cfg.head_lr, "lr_backbone": cfg.backbone_lr})
     done = 0
-    for strategy, epochs, rate in phases:
+    for strategy, epochs in phases:
         opened = models.set_trainable(model, cfg.backbone, strategy, cfg.unfreeze_blocks)
         log.info(
-            "phase %s: %d epochs at lr %g, trainable blocks %s", strategy, epochs, rate, opened
+            "phase %s: %d epochs at lr %g (backbone %g), trainable blocks %s",
+            *(strategy, epochs, cfg.head_lr, cfg.backbone_lr, opened),
         )
-        _compile(model, rate)
+        _compile(model, cfg.head_lr, cfg.backbone_lr)
         model.fit(
             train_ds,
             validation_data=val_ds,
@@ -166,12 +202,18 @@ def _fit(model, cfg: TrainConfig, train_ds, val_ds, history) -> None:
         done += epochs
 
 
-def _sklearn_classifier(kind: str, seed: int):
+def _sklearn_classifier(kind: str, seed: int, c: float = 1.0):
+    """SVM, logistic regression (C: inverse regularisation) or Random Forest."""
     if kind == "svm":
         # Platt scaling fitted on cross-validated decisions, one SVC refitted on all data.
-        svc = SVC(kernel="rbf", C=1.0, class_weight="balanced", random_state=seed)
+        svc = SVC(kernel="rbf", C=c, class_weight="balanced", random_state=seed)
         return make_pipeline(
             StandardScaler(), CalibratedClassifierCV(svc, method="sigmoid", ensemble=False)
+        )
+    if kind == "logreg":  # the linear probe of transfer learning: its own probabilities
+        return make_pipeline(
+            StandardScaler(),
+            LogisticRegression(C=c, class_weight="balanced", max_iter=5000, random_state=seed),
         )
     return RandomForestClassifier(
         n_estimators=500, class_weight="balanced", min_samples_leaf=2, random_state=seed, n_jobs=-1
@@ -297,6 +339,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             bn_frozen=cfg.pretrained,
             descriptors=desc.head_sizes() if descriptor_codes else None,
         )
+        pretrained = _log_weights(cfg, x["train"][:PARITY_IMAGES])
         if cfg.init_from:
             source = _load_run_model(cfg.init_from)
             models.copy_backbone(source, model)
@@ -358,11 +401,9 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 probs = {s: tta.predict_views(model, x[s], cfg.tta) for s in probs}
                 extra["tta"] = cfg.tta
         else:
-            features = models.feature_extractor(model)
-            feats = {
-                s: features.predict(pipeline.make_dataset(x[s], None, k, cfg.batch_size), verbose=0)
-                for s in x
-            }
+            feats = _pooled_features(
+                model, cfg, images, {s: [row[i] for i in v] for s, v in idx.items()}
+            )
             # class_weight='balanced' is in the estimator; 'source' adds the source part.
             source_part = (
                 sources.source_weights(y["train"], train_sources)
@@ -370,7 +411,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 else None
             )
             clf = _fit_sklearn(
-                _sklearn_classifier(cfg.classifier, cfg.seed),
+                _sklearn_classifier(cfg.classifier, cfg.seed, cfg.classifier_c),
                 feats["train"],
                 y["train"],
                 source_part,
@@ -444,6 +485,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 "target_sensitivity": cfg.target_sensitivity,
                 "dataset_fingerprint": dataset.fingerprint(),
                 "split_id": split.split_id,
+                **({"pretrained": pretrained} if pretrained else {}),
                 **extra,
             }
             if rois:
@@ -461,6 +503,47 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             | robust
         )
         return run.info.run_id
+
+
+def _pooled_features(model, cfg: TrainConfig, images: np.ndarray, rows: dict) -> dict:
+    """Pooled features of every split. Straight from the initial backbone (frozen, no
+    --init-from) they depend only on the backbone, its weights and the images: cached
+    on disk, so classifier sweeps and leave-one-source-out folds compute them once."""
+    features = models.feature_extractor(model)
+
+    def compute(batch: np.ndarray) -> np.ndarray:
+        return features.predict(pipeline.make_dataset(batch, None, 2, cfg.batch_size), verbose=0)
+
+    if cfg.strategy == "frozen" and not cfg.init_from:
+        weights = models.resolve_weights(cfg.weights)
+        origin = sha256_file(weights) if weights not in (None, "imagenet") else str(weights)
+        digest = hashlib.sha256(images.tobytes()).hexdigest()
+        key = f"{cfg.backbone}|{origin}|{cfg.seed}|{images.shape}|{digest}"
+        every = pipeline.cached("features", key, lambda: compute(images))
+    else:
+        every = compute(images)
+    return {s: every[r] for s, r in rows.items()}
+
+
+def _log_weights(cfg: TrainConfig, images: np.ndarray) -> dict:
+    """Where the backbone's weights came from (path + sha256; 'imagenet': Keras'
+    cache) and, for an imported TFLite file, how closely the import reproduces it on
+    a few training images: logged, and returned for the model card."""
+    weights = models.resolve_weights(cfg.weights)
+    if weights is None:
+        return {}
+    if weights == "imagenet":
+        mlflow.log_params({"weights_source": "keras-imagenet"})
+        return {"weights": "imagenet (Keras' cache, md5-checked by Keras)"}
+    provenance = {
+        "weights_source": "file",
+        "weights_sha256": sha256_file(weights),
+        "weights_format": "tflite" if weight_files.is_tflite(weights) else "h5",
+    }
+    parity = models.import_parity(cfg.backbone, weights, images)
+    mlflow.log_params(provenance)
+    mlflow.log_metrics(parity)
+    return {"weights": weights, **provenance, **({"parity": parity} if parity else {})}
 
 
 def _load_run_model(run_id: str) -> keras.Model:
