@@ -49,7 +49,8 @@ from thyroid_cad import tirads
 from training import data as data_mod
 from training import evaluate, export, models, ood, roi, sources, tracking
 from training.audit import inspect_all
-from training.tta import HEATMAP_VIEWS, TTA_MODES, VIEWS, View
+from training.choices import TTA_MODES
+from training.tta import HEATMAP_VIEWS, VIEWS, View
 
 log = logging.getLogger(__name__)
 

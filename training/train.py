@@ -33,7 +33,14 @@ from training import descriptors as desc
 from training import evaluate, loso, models, optim, pipeline, roi, sources, tracking, tta
 from training import weights as weight_files
 from training.audit import inspect_all
-from training.choices import BACKBONES, CLASS_WEIGHTINGS, CLASSIFIERS, STAGES, STRATEGIES
+from training.choices import (
+    BACKBONES,
+    CLASS_WEIGHTINGS,
+    CLASSIFIERS,
+    STAGES,
+    STRATEGIES,
+    TTA_MODES,
+)
 from training.data import Dataset, scan
 from training.fitting import MlflowEpochLogger, subsample
 from training.splits import grouped_split
@@ -109,8 +116,8 @@ class TrainConfig:
             raise ValueError("target sensitivity must be between 0 and 1")
         if self.strategy == "two-phase" and self.epochs < 2:
             raise ValueError("two-phase fine-tuning needs at least 2 epochs")
-        if self.tta not in tta.TTA_MODES:
-            raise ValueError(f"unknown TTA mode {self.tta!r}; choose from {tta.TTA_MODES}")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"unknown TTA mode {self.tta!r}; choose from {TTA_MODES}")
         if self.tta != "none" and self.roi != "off":
             raise ValueError("--tta is for whole-frame models (--roi off)")
         if self.strategy == "two-phase" and not 1 <= self.warmup_epochs_ < self.epochs:
