@@ -170,7 +170,12 @@ def desc_client(session_home, descriptor_export, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         _isolate(mp, session_home)
-        served = make_served(descriptor_export, tmp_path_factory.mktemp("desc-srv"), "desc")
+        served = make_served(
+            descriptor_export,
+            tmp_path_factory.mktemp("desc-srv"),
+            "desc",
+            force="a few-epoch phantom model with descriptor heads: the gate is tested elsewhere",
+        )
         with TestClient(create_app(served.settings)) as client:
             yield served, client
 

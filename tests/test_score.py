@@ -140,9 +140,10 @@ def _check_rows(rows: dict[str, dict], paths: list[str], engine: str) -> None:
     for r in scored:
         probs = dict(r["probabilities"])
         assert set(probs) == {"benign", "malignant"} and abs(sum(probs.values()) - 1) < 1e-5
-    # The tiny model learned the phantom: most images get their folder's label.
+    # The tiny model learned the phantom: most images get their folder's label (a short
+    # training on a phantom that varies its anatomy per case: well above chance, not 90 %).
     right = [r for r in scored if f"/{r['label']}/" in r["path"]]
-    assert len(right) > 0.7 * (len(scored) - 2)
+    assert len(right) > 0.6 * (len(scored) - 2)
 
 
 def _job(served, paths: list[str], out: Path) -> archive.Job:
