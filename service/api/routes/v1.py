@@ -138,6 +138,14 @@ def read_upload(file: UploadFile, limit: int) -> bytes:
     return data
 
 
+def class_names(model, class_name: str | None) -> list[str]:
+    """The model's class names; a `class=` it does not have is a 400 (one frame or several)."""
+    names = model.card["class_names"]
+    if class_name is not None and class_name not in names:
+        raise ApiError(400, "unknown_class", f"class must be one of {names}")
+    return names
+
+
 def predict_upload(
     request: Request,
     file: UploadFile | list[UploadFile],
@@ -167,9 +175,7 @@ def predict_upload(
         t0 = time.perf_counter()
         data = read_upload(file, settings.max_upload_bytes)
         audited.record["input_sha256"] = hashlib.sha256(data).hexdigest()
-        names = model.card["class_names"]
-        if class_name is not None and class_name not in names:  # before any decoding work
-            raise ApiError(400, "unknown_class", f"class must be one of {names}")
+        names = class_names(model, class_name)  # before any decoding work
         box = inference.parse_roi(roi)
         read_s = time.perf_counter() - t0
         prepared = inference.prepare(
@@ -267,9 +273,7 @@ def predict_frames(
         if options.frame is not None and all_frames:
             raise ApiError(400, "frame_conflict", "give either frame or all_frames, not both")
         multi.check_count(len(files))
-        names = model.card["class_names"]
-        if class_name is not None and class_name not in names:
-            raise ApiError(400, "unknown_class", f"class must be one of {names}")
+        names = class_names(model, class_name)
         box = inference.parse_roi(roi)
         uploads = [read_upload(f, settings.max_upload_bytes) for f in files]
         jobs = [
