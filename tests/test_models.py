@@ -84,6 +84,33 @@ def test_probabilities_follow_temperature_and_sum_to_one():
     assert np.all(np.abs(p4 - 0.5) <= np.abs(p1 - 0.5) + 1e-7)  # softer, never sharper
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_folded_logistic_probe_is_the_head(k):
+    """fold_linear_probe: the network's own softmax gives the probe's probabilities."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = models.build_model("tiny", k, 32)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 255, (60, 32, 32, 3)).astype("float32")
+    x[:, :8] *= np.repeat(np.arange(60) % k, 1)[:, None, None, None] / k  # some signal
+    y = np.arange(60) % k
+    feats = models.feature_extractor(model).predict(x, verbose=0)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000))
+    probe.fit(feats, y)
+    head = model.get_layer("cam_head")
+    head.temperature.assign(3.0)  # folding resets it: the probe's own probabilities
+    models.fold_linear_probe(model, probe)
+    np.testing.assert_allclose(model.predict(x, verbose=0), probe.predict_proba(feats), atol=1e-5)
+    assert float(head.temperature.numpy()) == 1.0
+
+    two = make_pipeline(StandardScaler(), LogisticRegression()).fit(feats, y % 2)
+    if k != 2:  # a probe of other classes than the head's is refused
+        with pytest.raises(ValueError, match="classes"):
+            models.fold_linear_probe(model, two)
+
+
 def test_save_load_roundtrip_keeps_heads_and_temperature(tmp_path):
     model = models.build_model("tiny", 2, 32)
     model.get_layer("cam_head").temperature.assign(0.7)

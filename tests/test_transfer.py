@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.test_weights import MOBILENET_V2, _pretrained
 from thyroid_cad import settings
-from training import export, models, optim
+from training import ensemble, export, models, optim
 from training.train import TrainConfig, train
 
 
@@ -76,9 +76,16 @@ def test_logistic_regression_on_pooled_features_exports(home, tiny_run, phantom_
     run = MlflowClient(settings.tracking_uri()).get_run(run_id)
     assert run.data.params["classifier_c"] == "0.1"
     assert run.data.metrics["test_auc"] > 0.85  # tiny_run's features separate the phantom
-    card = export.export_run(run_id, tmp_path)
+    # The probe is folded into the network's head: no scikit-learn file, a heatmap,
+    # temperature scaling as for softmax, and the in-graph TTA of a softmax run.
+    names = {a.path for a in MlflowClient(settings.tracking_uri()).list_artifacts(run_id, "model")}
+    assert "model/classifier.pkl" not in names
+    card = export.export_run(run_id, tmp_path / "plain")
     assert card["classifier"] == "logreg" and card["parity"]["passed"], card["parity"]
-    assert card["calibration"]["method"].startswith("logistic regression")
+    assert card["heatmap"] and card["parity"]["heatmap_min_pearson"] >= 0.99
+    assert card["calibration"]["method"] == "temperature scaling on validation"
+    flips = ensemble.export_runs([run_id], tmp_path / "flips", tta="flips")
+    assert flips["heatmap"] and flips["parity"]["passed"], flips["parity"]
 
 
 @pytest.mark.shared_data

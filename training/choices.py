@@ -18,6 +18,11 @@ BACKBONES = (
 )
 STRATEGIES = ("frozen", "partial", "full", "two-phase")
 CLASSIFIERS = ("softmax", "svm", "rf", "logreg")
+# Classifiers that live in the network's own head (models.CamHead): the logistic
+# regression probe is fitted on pooled features, then written into the head's weights
+# (models.fold_linear_probe). They export with the heatmap, TTA and ensembles; SVM and
+# RF export as a scikit-learn graph after the features, without a heatmap.
+HEAD_CLASSIFIERS = ("softmax", "logreg")
 # What a training run's images are: thyroid ultrasound, or the radiograph stage of
 # progressive transfer.
 STAGES = ("thyroid", "radiograph")

@@ -6,7 +6,8 @@ ONNX file stays the whole contract and the service needs nothing new:
 
 * views (TTA): the graph makes every view of the uint8 image itself (training.tta:
   flips, shifts, zooms), runs each member on every view and averages.
-* members (ensemble): several softmax runs of one split, e.g. the leave-one-source-out
+* members (ensemble): several runs of one split with their classifier in the head
+  (softmax, or a logistic-regression probe folded into it), e.g. the leave-one-source-out
   fold models of a run (training.loso) or runs of different backbones; their weights
   (default equal) are normalised to sum to 1.
 * probabilities, descriptor heads and `ood_score`: the weighted mean over members of
@@ -49,7 +50,7 @@ from thyroid_cad import tirads
 from training import data as data_mod
 from training import evaluate, export, models, ood, roi, sources, tracking
 from training.audit import inspect_all
-from training.choices import TTA_MODES
+from training.choices import HEAD_CLASSIFIERS, TTA_MODES
 from training.tta import HEATMAP_VIEWS, VIEWS, View
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,8 @@ def fold_runs(run_id: str) -> list[str]:
 
 
 def load_member(run_id: str, tmp: str) -> Member:
-    """A softmax whole-frame run's model, with its OOD reference where its data is here."""
+    """A whole-frame run's model (softmax or logreg head), with its OOD reference where
+    its data is here."""
     try:
         source = export.model_run(run_id)
         run = mlflow.get_run(source)
@@ -193,9 +195,10 @@ def load_member(run_id: str, tmp: str) -> Member:
     except Exception as e:  # MlflowException / OSError: no such run or no model in it
         raise ValueError(f"run {run_id} has no trained model to export: {e}") from e
     info = json.loads((local / "info.json").read_text())
-    if info.get("classifier", "softmax") != "softmax" or info.get("roi"):
+    if (local / "classifier.pkl").is_file() or info.get("roi"):
         raise ValueError(
-            f"run {source}: only whole-frame softmax models can be combined (TTA / ensemble); "
+            f"run {source}: only whole-frame models with their classifier in the network's "
+            "head (softmax, logreg) can be combined (TTA / ensemble); "
             f"this one is {info.get('classifier')} with roi={bool(info.get('roi'))}"
         )
     model = models.load(local / "model.keras")
@@ -363,7 +366,7 @@ def _trained_tta(run_id: str) -> str:
     except Exception:  # MlflowException: no such run; export_run says so clearly
         return "none"
     # svm / rf runs ignore --tta (their tag tta_note says so)
-    return params.get("tta", "none") if params.get("classifier") == "softmax" else "none"
+    return params.get("tta", "none") if params.get("classifier") in HEAD_CLASSIFIERS else "none"
 
 
 def export_combined(

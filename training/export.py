@@ -8,8 +8,10 @@ GAP -> Dense head (see training.models.CamHead) and computed in the same forward
 Models trained with TI-RADS descriptor heads (`--descriptors`) also return
 `descriptor_<name>` (N x categories, probabilities), one per descriptor; the card's
 `descriptors` lists each one's category labels in output order.
-SVM and Random Forest models are the feature graph and the scikit-learn classifier
-(skl2onnx) merged into one graph; they have no heatmap, and the card says so.
+A logistic-regression probe lives in the network's head (models.fold_linear_probe) and
+exports like a softmax run, heatmap included. SVM and Random Forest models are the
+feature graph and the scikit-learn classifier (skl2onnx) merged into one graph; they
+have no heatmap, and the card says so.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ PARITY_IMAGES = 32
 _FEATURE_CALIBRATION = {
     "svm": "Platt (SVM)",
     "rf": "none (forest votes)",
-    "logreg": "logistic regression (its own probabilities)",
 }
 DISCLAIMER = "Research software: not for diagnostic use."
 INTENDED_USE = (

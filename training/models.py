@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 from thyroid_cad import tirads
@@ -288,7 +289,6 @@ def import_parity(backbone: str, weights: str, images) -> dict[str, float]:
     weights = resolve_weights(weights)
     if weights is None or weights == "imagenet" or not weight_files.is_tflite(weights):
         return {}
-    import numpy as np
     import tensorflow as tf
 
     batch = tf.image.resize(np.asarray(images), (TFLITE_SIZE, TFLITE_SIZE), antialias=True)
@@ -363,6 +363,30 @@ def with_heatmaps(model: keras.Model) -> keras.Model:
         model.inputs,
         {"probabilities": probabilities, "cam": cam, **descriptor_outputs(model)},
     )
+
+
+def fold_linear_probe(model: keras.Model, probe) -> None:
+    """Write a fitted StandardScaler -> LogisticRegression on the pooled features (the
+    feature_extractor's output) into the model's CamHead, temperature 1.
+
+    The head computes softmax(pooled @ kernel + bias); with kernel = (coef / scale).T and
+    bias = intercept - coef @ (mean / scale) it gives the probe's probabilities (binary:
+    sigmoid(z) = softmax([0, z])), and the head's class activation map is then the exact
+    Grad-CAM of the probe's logit.
+    """
+    scaler, logreg = probe.steps[0][1], probe.steps[-1][1]
+    head = model.get_layer("cam_head")
+    k = head.num_classes
+    if list(logreg.classes_) != list(range(k)):
+        raise ValueError(f"the probe saw classes {list(logreg.classes_)}, the head has {k}")
+    coef = logreg.coef_ / scaler.scale_
+    intercept = logreg.intercept_ - coef @ scaler.mean_
+    if k == 2:
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.concatenate([[0.0], intercept])
+    head.kernel.assign(coef.T.astype("float32"))
+    head.bias.assign(intercept.astype("float32"))
+    head.temperature.assign(1.0)
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:

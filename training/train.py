@@ -37,6 +37,7 @@ from training.choices import (
     BACKBONES,
     CLASS_WEIGHTINGS,
     CLASSIFIERS,
+    HEAD_CLASSIFIERS,
     STAGES,
     STRATEGIES,
     TTA_MODES,
@@ -335,8 +336,8 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             rois.log(dataset)
         if cfg.descriptors and descriptor_codes is None:
             mlflow.set_tag("descriptors_note", "ignored: only the softmax classifier has heads")
-        if cfg.tta != "none" and cfg.classifier != "softmax":
-            mlflow.set_tag("tta_note", "ignored: TTA is built for the softmax classifier only")
+        if cfg.tta != "none" and cfg.classifier not in HEAD_CLASSIFIERS:
+            mlflow.set_tag("tta_note", "ignored: SVM and RF have no in-graph TTA")
 
         model = models.build_model(
             cfg.backbone,
@@ -377,7 +378,27 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             _fit(model, cfg, ds["train"], ds["val"], history)
 
         extra: dict = {}
-        if cfg.classifier == "softmax":
+        clf = None
+        if cfg.classifier != "softmax":
+            feats = _pooled_features(
+                model, cfg, images, {s: [row[i] for i in v] for s, v in idx.items()}
+            )
+            # class_weight='balanced' is in the estimator; 'source' adds the source part.
+            source_part = (
+                sources.source_weights(y["train"], train_sources)
+                if cfg.class_weights == "source"
+                else None
+            )
+            clf = _fit_sklearn(
+                _sklearn_classifier(cfg.classifier, cfg.seed, cfg.classifier_c),
+                feats["train"],
+                y["train"],
+                source_part,
+            )
+            if cfg.classifier in HEAD_CLASSIFIERS:  # the probe becomes the network's head
+                models.fold_linear_probe(model, clf)
+                clf = None
+        if clf is None:
             probs = {
                 s: model.predict(pipeline.make_dataset(x[s], None, k, cfg.batch_size), verbose=0)
                 for s in ("val", "test")
@@ -408,21 +429,6 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
                 probs = {s: tta.predict_views(model, x[s], cfg.tta) for s in probs}
                 extra["tta"] = cfg.tta
         else:
-            feats = _pooled_features(
-                model, cfg, images, {s: [row[i] for i in v] for s, v in idx.items()}
-            )
-            # class_weight='balanced' is in the estimator; 'source' adds the source part.
-            source_part = (
-                sources.source_weights(y["train"], train_sources)
-                if cfg.class_weights == "source"
-                else None
-            )
-            clf = _fit_sklearn(
-                _sklearn_classifier(cfg.classifier, cfg.seed, cfg.classifier_c),
-                feats["train"],
-                y["train"],
-                source_part,
-            )
             probs = {s: clf.predict_proba(feats[s]) for s in ("val", "test")}
 
         val = evaluate.evaluate(
@@ -476,7 +482,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             model_dir = tmp_path / "model"
             model_dir.mkdir()
             model.save(model_dir / "model.keras")
-            if cfg.classifier != "softmax":
+            if clf is not None:
                 with open(model_dir / "classifier.pkl", "wb") as f:
                     pickle.dump(clf, f)
             info = {
