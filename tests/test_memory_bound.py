@@ -13,7 +13,8 @@ within BOUND_MB of its RSS after warm-up. Why 800 MB: one image in flight at a t
 costs up to ~400 MB (measured per form: the content box ~250 MB at 16 Mpx, pydicom's
 YBR-to-RGB conversion of a JPEG DICOM ~385 MB), plus the uploads held by the requests
 waiting for the budget (here ~60 MB), plus allocator and thread slack; measured ~470 MB
-on the CI machine.
+on the CI machine. /v2 inference (BYTES elements, UINT8 tensors) takes from the same
+budget and is held to the same bound.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import sys
 from pathlib import Path
 
 import dicom_factory as factory
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.app import create_app
+from service.inference import decoding
 from service.inference.admission import PixelBudget
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -69,6 +72,22 @@ def test_concurrent_maximum_size_uploads_keep_the_peak_rss_bounded(server):
     assert result["above_mb"] < BOUND_MB, result
 
 
+def test_concurrent_maximum_size_v2_uploads_keep_the_peak_rss_bounded(server, served_module):
+    """The same burst as BYTES elements of /v2 inference requests: admitted by the same
+    budget, so held to the same bound."""
+    uploads = memory.max_size_uploads(SIDE)
+    name = served_module.name
+
+    def send(data: bytes) -> int:
+        return memory.infer(server.url, server.headers, data, name)
+
+    assert send(factory.png(factory.image())) == 200
+    result = memory.burst(server, uploads, PER_FORM, send=send)
+    print(result)  # noqa: T201 - the measured figure, for the log
+    assert result["statuses"] == {form: [200] * PER_FORM for form in memory.FORMATS}
+    assert result["above_mb"] < BOUND_MB, result
+
+
 def test_over_the_pixel_limit_is_a_413_from_the_header(server):
     big = io.BytesIO()
     Image.new("L", (SIDE + 1, SIDE), 0).save(big, "PNG")  # ~60 KB, 16.8 Mpx
@@ -94,6 +113,81 @@ def test_no_room_in_the_budget_is_a_503_with_retry_after(served_module):
             "/v1/predict",
             files={"file": ("x.png", data, "image/png")},
             headers={"Authorization": f"Bearer {served_module.predict_key}"},
+        )
+        assert r.status_code == 200, r.text
+
+
+def _v2_bytes(files: list[bytes]) -> dict:
+    """An OIP request of encoded files as BYTES elements (base64 in JSON)."""
+    data = [base64.b64encode(f).decode() for f in files]
+    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(files)], "data": data}]}
+
+
+def _v2_uint8(frames: np.ndarray) -> dict:
+    data = frames.ravel().tolist()
+    return {
+        "inputs": [
+            {"name": "image", "datatype": "UINT8", "shape": list(frames.shape), "data": data}
+        ]
+    }
+
+
+def _max_size_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (SIDE, SIDE), 90).save(buf, "PNG")  # a few KB, SIDE * SIDE pixels
+    return buf.getvalue()
+
+
+def test_v2_with_no_room_in_the_budget_is_a_503_before_anything_is_decoded(
+    served_module, monkeypatch
+):
+    settings = served_module.settings.model_copy(update={"admission_timeout_s": 0.05})
+    decoded = []
+    real_decode = decoding.decode
+    monkeypatch.setattr(
+        decoding, "decode", lambda *a, **k: decoded.append(a) or real_decode(*a, **k)
+    )
+    url = f"/v2/models/{served_module.name}/infer"
+    auth = {"Authorization": f"Bearer {served_module.predict_key}"}
+    with TestClient(create_app(settings)) as api:
+        budget: PixelBudget = api.app.state.pixel_budget
+        size = api.app.state.models.get()[0].input_size
+        with budget.admit(budget.capacity):  # another request is decoding a huge image
+            for body in (
+                _v2_bytes([_max_size_png()]),
+                _v2_uint8(np.zeros((2, size, size, 3), np.uint8)),
+            ):
+                r = api.post(url, json=body, headers=auth)
+                assert r.status_code == 503, r.text
+                assert r.json()["error"].startswith("busy: ")  # the OIP error shape
+                assert int(r.headers["retry-after"]) >= 1
+            assert budget.in_use == budget.capacity
+        assert decoded == []  # refused from the header, nothing decoded
+        assert budget.in_use == 0
+
+
+def test_v2_gives_the_budget_back_when_its_answer_is_built(served_module):
+    url = f"/v2/models/{served_module.name}/infer"
+    auth = {"Authorization": f"Bearer {served_module.predict_key}"}
+    with TestClient(create_app(served_module.settings)) as api:
+        budget: PixelBudget = api.app.state.pixel_budget
+        size = api.app.state.models.get()[0].input_size
+        # Each of these would find no room if an earlier one had kept its pixels: a
+        # maximum-size image takes the whole budget.
+        for body, status in (
+            (_v2_bytes([_max_size_png()]), 200),
+            (_v2_bytes([_max_size_png()[:100]]), 400),  # refused while decoding
+            (_v2_uint8(np.zeros((2, size, size, 3), np.uint8)), 200),
+            (_v2_bytes([_max_size_png(), factory.png(factory.image())]), 200),
+            (_v2_bytes([_max_size_png()]), 200),
+        ):
+            r = api.post(url, json=body, headers=auth)
+            assert r.status_code == status, r.text
+            assert budget.in_use == 0
+        r = api.post(
+            "/v1/predict?heatmap=none",
+            files={"file": ("x.png", _max_size_png(), "image/png")},
+            headers=auth,
         )
         assert r.status_code == 200, r.text
 
