@@ -188,8 +188,8 @@ def predict_upload(
         )
         audited.record.update(
             content_type=prepared.content_type,
-            image_height=prepared.rgb.shape[0],
-            image_width=prepared.rgb.shape[1],
+            image_height=prepared.size[0],
+            image_width=prepared.size[1],
         )
         source = formats.source_header(options.format, data, prepared)
         scored = inference.score(model, prepared)
@@ -291,8 +291,8 @@ def predict_frames(
         first = scored[0][1].prepared
         audited.record.update(
             content_type=first.content_type,
-            image_height=first.rgb.shape[0],
-            image_width=first.rgb.shape[1],
+            image_height=first.size[0],
+            image_width=first.size[1],
         )
         oods = [s.ood for _, s in scored]
         audited.record.update(safety.record(oods))
