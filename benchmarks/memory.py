@@ -11,7 +11,8 @@ the server's peak RSS above its RSS after warm-up (VmHWM, reset before each burs
 through /proc/PID/clear_refs) and the answers' status codes. Results go to
 docs/benchmarks.md ("Memory under maximum-size uploads").
 
-tests/test_memory_bound.py runs the same burst and asserts the bound.
+tests/test_memory_bound.py runs the same burst, and one of /v2 inference requests (each
+file as a BYTES element, `infer`), and asserts the bound.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import struct
 import tempfile
 import urllib.request
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -132,6 +135,31 @@ def post(url: str, headers: dict, data: bytes, query: str, timeout: float = 300.
         headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
         method="POST",
     )
+    return _status(request, timeout)
+
+
+def infer(url: str, headers: dict, data: bytes, model: str, timeout: float = 300.0) -> int:
+    """POST one file to /v2/models/{model}/infer as a BYTES element (the binary tensor
+    extension, as Triton clients send it); the HTTP status."""
+    element = struct.pack("<I", len(data)) + data
+    tensor = {"binary_data_size": len(element)}
+    head = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": tensor}]}
+    head = json.dumps(head).encode()
+    request = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer",
+        data=head + element,
+        headers={
+            **headers,
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(head)),
+        },
+        method="POST",
+    )
+    return _status(request, timeout)
+
+
+def _status(request: urllib.request.Request, timeout: float) -> int:
+    """Send `request`; the HTTP status of its answer (read whole)."""
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             r.read()
@@ -140,8 +168,17 @@ def post(url: str, headers: dict, data: bytes, query: str, timeout: float = 300.
         return e.code
 
 
-def burst(server, uploads: dict[str, bytes], concurrency: int, query: str) -> dict:
+def burst(
+    server,
+    uploads: dict[str, bytes],
+    concurrency: int,
+    query: str = "",
+    send: Callable[[bytes], int] | None = None,
+) -> dict:
     """`concurrency` uploads of each form at once; the peak RSS above the RSS before.
+
+    Each is posted to /v1/predict with `query`, or sent by `send(file) -> status`
+    (e.g. infer() to /v2).
 
     Returns {"baseline_mb", "peak_mb", "above_mb", "statuses": {form: [codes]},
     "peak_reset": whether VmHWM could be reset (else the peak is since start)}.
@@ -149,9 +186,14 @@ def burst(server, uploads: dict[str, bytes], concurrency: int, query: str) -> di
     pid = server.proc.pid
     reset = reset_peak(pid)
     baseline = status_kb(pid, "VmRSS")
+    if send is None:
+
+        def send(data: bytes) -> int:
+            return post(server.url, server.headers, data, query)
+
     jobs = [(name, data) for name, data in uploads.items() for _ in range(concurrency)]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        codes = list(pool.map(lambda job: post(server.url, server.headers, job[1], query), jobs))
+        codes = list(pool.map(lambda job: send(job[1]), jobs))
     peak = status_kb(pid, "VmHWM")
     statuses: dict[str, list[int]] = {}
     for (name, _), code in zip(jobs, codes, strict=True):

@@ -173,8 +173,8 @@ class Scorer:
             prepared = inference.prepare(data, self.model.input_size, self.max_pixels, self.model)
             row.update(
                 content_type=prepared.content_type,
-                height=int(prepared.rgb.shape[0]),
-                width=int(prepared.rgb.shape[1]),
+                height=int(prepared.size[0]),
+                width=int(prepared.size[1]),
             )
             scored = inference.score(self.model, prepared)
             prediction = scored.prediction

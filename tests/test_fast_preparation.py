@@ -16,7 +16,7 @@ from PIL import Image
 from scipy import ndimage
 
 from service.errors import ApiError
-from service.inference import decoding
+from service.inference import decoding, pipeline
 from thyroid_cad import imaging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -120,3 +120,101 @@ def test_damaged_jpegs_are_judged_by_pillow(photo):
     except OSError:
         pytest.skip("these flips made Pillow refuse the file; nothing to compare")
     np.testing.assert_array_equal(decoding.decode(flipped, 10**8).rgb, expected)
+
+
+# -- the working resolution (issue 17, item 2) -------------------------------------------
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def frames() -> dict[str, Image.Image]:
+    """Frames up to an ultrasound capture's size (2048 px), and one just short of twice
+    the working side, the longest that is never reduced."""
+    rng = np.random.default_rng(2)
+    base = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    return {
+        "640x480": base.resize((640, 480), Image.Resampling.BICUBIC),
+        "2048x1536": base.resize((2048, 1536), Image.Resampling.BICUBIC),
+        "4095x300": base.resize((4095, 300), Image.Resampling.BICUBIC),
+    }
+
+
+@pytest.mark.parametrize("size", ["640x480", "2048x1536", "4095x300"])
+@pytest.mark.parametrize(
+    "mode,fmt,kwargs",
+    [
+        ("RGB", "PNG", {}),
+        ("L", "PNG", {}),
+        ("RGB", "JPEG", {"quality": 90}),
+        ("L", "JPEG", {"quality": 90}),
+        ("CMYK", "JPEG", {"quality": 90}),
+        ("RGB", "BMP", {}),
+        ("RGB", "TIFF", {}),
+    ],
+)
+def test_frames_under_the_working_resolution_decode_as_before(frames, size, mode, fmt, kwargs):
+    """Bit-identical to the full-resolution decode (and Pillow's), and prepared into the
+    same model input with the same geometry."""
+    data = _encoded(frames[size].convert(mode), fmt, **kwargs)
+    side = decoding.working_side(64)
+    got = decoding.decode(data, 10**8, long_side=side)
+    assert got.full_size is None and got.size == got.rgb.shape[:2]
+    expected = _pillow_rgb(data)
+    np.testing.assert_array_equal(got.rgb, expected)
+    np.testing.assert_array_equal(got.rgb, decoding.decode(data, 10**8).rgb)
+    prepared = pipeline.prepare(data, 64, 10**8)
+    square, geometry = imaging.prepare_input(expected, 64)
+    np.testing.assert_array_equal(prepared.square, square)
+    assert prepared.geometry == geometry
+
+
+@pytest.mark.parametrize(
+    "mode,kwargs,exif",
+    [
+        ("RGB", {"quality": 90}, False),
+        ("RGB", {"quality": 75, "subsampling": 2, "progressive": True}, False),
+        ("L", {"quality": 85}, False),
+        ("CMYK", {"quality": 90}, False),  # Pillow's path
+        ("RGB", {"quality": 90}, True),  # EXIF-rotated: Pillow's path
+    ],
+)
+def test_a_huge_jpeg_is_decoded_at_libjpegs_reduced_scale_on_both_paths(mode, kwargs, exif):
+    rng = np.random.default_rng(3)
+    base = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    big = base.resize((9001, 1500), Image.Resampling.BICUBIC).convert(mode)  # 13.5 Mpx
+    if exif:
+        tags = Image.Exif()
+        tags[imaging.EXIF_ORIENTATION] = 6
+        kwargs = {**kwargs, "exif": tags.tobytes()}
+    data = _encoded(big, "JPEG", **kwargs)
+    got = decoding.decode(data, 10**8, long_side=2048)  # 9001 // 2048: 4, libjpeg's 1/4
+    reference = Image.open(io.BytesIO(data))
+    reference.draft("RGB", (9001 // 4, 1500 // 4))
+    reference.load()
+    expected = imaging.to_rgb_array(reference)
+    assert expected.shape[:2] == ((2251, 375) if exif else (375, 2251))
+    assert got.full_size == ((9001, 1500) if exif else (1500, 9001))
+    np.testing.assert_array_equal(got.rgb, expected)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16"])
+def test_other_formats_are_reduced_after_loading(mode):
+    """Over twice the working side: shrunk by an integer factor (block means) to no less
+    than it; the size as sent is kept for the answer."""
+    rng = np.random.default_rng(4)
+    base = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    big = base.resize((6200, 2000), Image.Resampling.BICUBIC)
+    if mode == "I;16":
+        big = Image.fromarray(np.asarray(big.convert("L")).astype(np.uint16) * 257)
+    else:
+        big = big.convert(mode)
+    data = _encoded(big, "PNG", compress_level=1)
+    got = decoding.decode(data, 10**8, long_side=2048)
+    assert got.rgb.shape == (667, 2067, 3)  # 6200 // 2048 = 3, rounded up
+    assert got.full_size == (2000, 6200) and got.size == (2000, 6200)
+    if mode in ("L", "RGB"):
+        full = decoding.decode(data, 10**8).rgb
+        np.testing.assert_array_equal(got.rgb, np.asarray(Image.fromarray(full).reduce(3)))

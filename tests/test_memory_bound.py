@@ -13,23 +13,36 @@ within BOUND_MB of its RSS after warm-up. Why 800 MB: one image in flight at a t
 costs up to ~400 MB (measured per form: the content box ~250 MB at 16 Mpx, pydicom's
 YBR-to-RGB conversion of a JPEG DICOM ~385 MB), plus the uploads held by the requests
 waiting for the budget (here ~60 MB), plus allocator and thread slack; measured ~470 MB
-on the CI machine.
+on the CI machine. /v2 inference (BYTES elements, UINT8 tensors) takes from the same
+budget and is held to the same bound.
+
+Item 2, a bounded working resolution: a frame at least twice
+decoding.working_side(model input) long (2048 px for the test models) is decoded
+smaller, a JPEG by libjpeg's DCT scaling (Image.draft), other formats by Image.reduce;
+its answer still describes the image as sent (heatmap, boxes, audit dimensions).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import os
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import dicom_factory as factory
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.app import create_app
+from service.inference import decoding, heatmaps
+from service.inference import pipeline as inference
 from service.inference.admission import PixelBudget
+from thyroid_cad import imaging, nodule
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -69,6 +82,22 @@ def test_concurrent_maximum_size_uploads_keep_the_peak_rss_bounded(server):
     assert result["above_mb"] < BOUND_MB, result
 
 
+def test_concurrent_maximum_size_v2_uploads_keep_the_peak_rss_bounded(server, served_module):
+    """The same burst as BYTES elements of /v2 inference requests: admitted by the same
+    budget, so held to the same bound."""
+    uploads = memory.max_size_uploads(SIDE)
+    name = served_module.name
+
+    def send(data: bytes) -> int:
+        return memory.infer(server.url, server.headers, data, name)
+
+    assert send(factory.png(factory.image())) == 200
+    result = memory.burst(server, uploads, PER_FORM, send=send)
+    print(result)  # noqa: T201 - the measured figure, for the log
+    assert result["statuses"] == {form: [200] * PER_FORM for form in memory.FORMATS}
+    assert result["above_mb"] < BOUND_MB, result
+
+
 def test_over_the_pixel_limit_is_a_413_from_the_header(server):
     big = io.BytesIO()
     Image.new("L", (SIDE + 1, SIDE), 0).save(big, "PNG")  # ~60 KB, 16.8 Mpx
@@ -94,6 +123,81 @@ def test_no_room_in_the_budget_is_a_503_with_retry_after(served_module):
             "/v1/predict",
             files={"file": ("x.png", data, "image/png")},
             headers={"Authorization": f"Bearer {served_module.predict_key}"},
+        )
+        assert r.status_code == 200, r.text
+
+
+def _v2_bytes(files: list[bytes]) -> dict:
+    """An OIP request of encoded files as BYTES elements (base64 in JSON)."""
+    data = [base64.b64encode(f).decode() for f in files]
+    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(files)], "data": data}]}
+
+
+def _v2_uint8(frames: np.ndarray) -> dict:
+    data = frames.ravel().tolist()
+    return {
+        "inputs": [
+            {"name": "image", "datatype": "UINT8", "shape": list(frames.shape), "data": data}
+        ]
+    }
+
+
+def _max_size_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (SIDE, SIDE), 90).save(buf, "PNG")  # a few KB, SIDE * SIDE pixels
+    return buf.getvalue()
+
+
+def test_v2_with_no_room_in_the_budget_is_a_503_before_anything_is_decoded(
+    served_module, monkeypatch
+):
+    settings = served_module.settings.model_copy(update={"admission_timeout_s": 0.05})
+    decoded = []
+    real_decode = decoding.decode
+    monkeypatch.setattr(
+        decoding, "decode", lambda *a, **k: decoded.append(a) or real_decode(*a, **k)
+    )
+    url = f"/v2/models/{served_module.name}/infer"
+    auth = {"Authorization": f"Bearer {served_module.predict_key}"}
+    with TestClient(create_app(settings)) as api:
+        budget: PixelBudget = api.app.state.pixel_budget
+        size = api.app.state.models.get()[0].input_size
+        with budget.admit(budget.capacity):  # another request is decoding a huge image
+            for body in (
+                _v2_bytes([_max_size_png()]),
+                _v2_uint8(np.zeros((2, size, size, 3), np.uint8)),
+            ):
+                r = api.post(url, json=body, headers=auth)
+                assert r.status_code == 503, r.text
+                assert r.json()["error"].startswith("busy: ")  # the OIP error shape
+                assert int(r.headers["retry-after"]) >= 1
+            assert budget.in_use == budget.capacity
+        assert decoded == []  # refused from the header, nothing decoded
+        assert budget.in_use == 0
+
+
+def test_v2_gives_the_budget_back_when_its_answer_is_built(served_module):
+    url = f"/v2/models/{served_module.name}/infer"
+    auth = {"Authorization": f"Bearer {served_module.predict_key}"}
+    with TestClient(create_app(served_module.settings)) as api:
+        budget: PixelBudget = api.app.state.pixel_budget
+        size = api.app.state.models.get()[0].input_size
+        # Each of these would find no room if an earlier one had kept its pixels: a
+        # maximum-size image takes the whole budget.
+        for body, status in (
+            (_v2_bytes([_max_size_png()]), 200),
+            (_v2_bytes([_max_size_png()[:100]]), 400),  # refused while decoding
+            (_v2_uint8(np.zeros((2, size, size, 3), np.uint8)), 200),
+            (_v2_bytes([_max_size_png(), factory.png(factory.image())]), 200),
+            (_v2_bytes([_max_size_png()]), 200),
+        ):
+            r = api.post(url, json=body, headers=auth)
+            assert r.status_code == status, r.text
+            assert budget.in_use == 0
+        r = api.post(
+            "/v1/predict?heatmap=none",
+            files={"file": ("x.png", _max_size_png(), "image/png")},
+            headers=auth,
         )
         assert r.status_code == 200, r.text
 
@@ -158,3 +262,160 @@ def test_a_deflated_dicom_bomb_is_refused_before_it_is_inflated(served_module):
             assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == "image_too_large"
     assert "decompression bomb" in r.json()["error"]["message"]
+
+
+# -- item 2: decoding to a bounded working resolution ------------------------------------
+HUGE = 6000
+
+
+@pytest.fixture(scope="module")
+def huge_jpeg() -> bytes:
+    return memory._encode(memory._content(HUGE), "JPEG")
+
+
+def test_a_huge_jpeg_is_decoded_by_libjpeg_at_a_reduced_scale(huge_jpeg):
+    side = decoding.working_side(64)
+    assert side == decoding.WORKING_SIDE == 2048
+    got = decoding.decode(huge_jpeg, HUGE * HUGE, long_side=side)
+    assert got.rgb.shape == (HUGE // 2, HUGE // 2, 3)  # 1/4 would be under 2048 px
+    assert got.size == got.full_size == (HUGE, HUGE)
+    # libjpeg's 1/2 scale (Image.draft), not the full frame decoded and then reduced
+    image = Image.open(io.BytesIO(huge_jpeg))
+    image.draft("RGB", (HUGE // 2, HUGE // 2))
+    np.testing.assert_array_equal(got.rgb, np.asarray(image.convert("RGB")))
+    assert decoding.decode(huge_jpeg, HUGE * HUGE).rgb.shape == (HUGE, HUGE, 3)  # no bound
+
+
+_PEAK = """
+import os
+import sys
+sys.path.insert(0, sys.argv[3])
+import memory
+from service.inference import decoding
+
+data = open(sys.argv[1], "rb").read()
+side = None if sys.argv[2] == "full" else int(sys.argv[2])
+small = memory._encode(memory._content(64), "JPEG")
+decoding.decode(small, 10**8, long_side=16)  # the decoders loaded: not what is measured
+pid = os.getpid()
+if not memory.reset_peak(pid):
+    print(-1)
+    raise SystemExit
+before = memory.status_kb(pid, "VmRSS")
+decoded = decoding.decode(data, 10**8, long_side=side)
+print((memory.status_kb(pid, "VmHWM") - before) * 1024)
+"""
+
+
+def _decode_peak(path: Path, side: str) -> int:
+    """Peak RSS (bytes) of decoding the file at `path`, in a fresh process."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(path), side, str(BENCH)],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(out.stdout.split()[-1])
+
+
+def test_decoding_a_huge_jpeg_peaks_well_below_its_full_frame(huge_jpeg, tmp_path):
+    path = tmp_path / "huge.jpg"
+    path.write_bytes(huge_jpeg)
+    reduced = _decode_peak(path, str(decoding.working_side(64)))
+    if reduced < 0:
+        pytest.skip("this kernel refuses to reset the peak RSS (/proc/self/clear_refs)")
+    full = _decode_peak(path, "full")
+    frame = HUGE * HUGE * 3  # the decoded RGB frame alone
+    print({"reduced_mb": reduced / 2**20, "full_mb": full / 2**20})  # noqa: T201
+    assert full > 0.9 * frame  # the measure sees the full decode
+    assert reduced < frame / 3  # 1/2 scale: a quarter of the pixels (~26 MB)
+
+
+def test_a_huge_jpeg_predicts_with_a_heatmap_of_the_image_as_sent(
+    served_module, huge_jpeg, monkeypatch
+):
+    """Decoded at 3000 x 3000, scored, and answered about the 6000 x 6000 image sent: the
+    heatmap is the image's, at most THYROID_CAD_MAX_HEATMAP_PIXELS large (1440 x 1440
+    here), and the audit record has the image's size."""
+    limit = HUGE * HUGE
+    settings = served_module.settings.model_copy(
+        update={"max_image_pixels": limit, "decode_pixel_budget": limit}
+    )
+    shapes = []
+    real_decode = decoding.decode
+
+    def spy(*args, **kwargs):
+        got = real_decode(*args, **kwargs)
+        shapes.append(got.rgb.shape)
+        return got
+
+    monkeypatch.setattr(decoding, "decode", spy)
+    auth = {"Authorization": f"Bearer {served_module.predict_key}"}
+    with TestClient(create_app(settings)) as api:
+        for mode in ("overlay", "png"):
+            r = api.post(
+                f"/v1/predict?heatmap={mode}",
+                files={"file": ("x.jpg", huge_jpeg, "image/jpeg")},
+                headers=auth,
+            )
+            assert r.status_code == 200, r.text
+            heatmap = r.json()["heatmap"]
+            side = int(HUGE * (settings.max_heatmap_pixels / limit) ** 0.5)
+            assert (heatmap["width"], heatmap["height"]) == (side, side) == (1440, 1440)
+            shown = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
+            assert shown.size == (side, side)
+        request_id = r.json()["request_id"]
+        admin = {"Authorization": f"Bearer {served_module.admin_key}"}
+        rows = api.get("/v1/requests?limit=1", headers=admin).json()["requests"]
+        assert rows[0]["request_id"] == request_id
+        assert (rows[0]["image_width"], rows[0]["image_height"]) == (HUGE, HUGE)
+        r = api.post(
+            f"/v2/models/{served_module.name}/infer", json=_v2_bytes([huge_jpeg]), headers=auth
+        )
+        assert r.status_code == 200, r.text
+    assert shapes == [(HUGE // 2, HUGE // 2, 3)] * 3
+
+
+def test_a_reduced_frame_maps_boxes_and_maps_back_onto_the_image_as_sent():
+    """A ROI model's box (the user's, in the pixels sent) is moved onto the reduced frame
+    for the crop and the localiser, and the localiser's box and shape come back in the
+    pixels sent; the geometry is the image's."""
+    height, width = 4400, 5000  # reduced by 2: 2200 x 2500
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[400:4000, 500:4600] = 120
+    rgb[2000:2400, 1000:1800] = 200
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG", compress_level=1)
+    seen = {}
+
+    def localise(frame, within=None):
+        seen["frame"], seen["within"] = frame.shape, within
+        mask = np.zeros(frame.shape[:2], bool)
+        mask[1000:1200, 500:900] = True  # 200 x 400 on the reduced frame
+        return nodule.Proposal(nodule.box_of(mask), mask, 0.9)
+
+    model = SimpleNamespace(
+        name="fake", version=1, roi={"margin": 0.3}, localiser=object(), localise=localise
+    )
+    for roi in ((1000, 2000, 800, 400), None):
+        prepared = inference.prepare(buf.getvalue(), 64, 10**8, model, roi)
+        assert prepared.rgb.shape == (height // 2, width // 2, 3)
+        assert prepared.size == (height, width)
+        assert (prepared.geometry.height, prepared.geometry.width) == (height, width)
+        located = prepared.located
+        if roi is not None:
+            assert seen["within"] == (500, 1000, 400, 200)
+            assert located.roi.source == "user" and located.roi.box == roi
+        else:
+            assert seen["within"] is None
+            assert located.roi.source == "localiser" and located.roi.box == (1000, 2000, 800, 400)
+        assert (located.shape.width_px, located.shape.depth_px) == (800, 400)
+        assert located.shape.area_px == 800 * 400
+        square, geometry = imaging.prepare_input(prepared.rgb, 64, (500, 1000, 400, 200), 0.3)
+        np.testing.assert_array_equal(prepared.square, square)
+        assert imaging.rescale(geometry, height, width) == prepared.geometry
+    shown = heatmaps.bounded(prepared.geometry, 1920 * 1080)
+    assert shown.width / shown.height == pytest.approx(width / height, rel=0.01)

@@ -12,6 +12,7 @@ a region of interest (ROI) with a context margin, for models trained on ROI crop
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,33 @@ def prepare_with_geometry(rgb: np.ndarray, size: int) -> tuple[np.ndarray, Geome
     square = letterbox(rgb[top:bottom, left:right], size)
     placed = _placement(bottom - top, right - left, size)
     return square, Geometry(rgb.shape[0], rgb.shape[1], box, placed, size)
+
+
+def _span(lo: int, hi: int, full: int, new: int) -> tuple[int, int]:
+    """[lo, hi) of a side `full` long -> the same part of that side resized to `new`:
+    at least one pixel, inside [0, new)."""
+    start = min(new - 1, round(lo * new / full))
+    return start, max(start + 1, min(new, round(hi * new / full)))
+
+
+def rescale(geometry: Geometry, height: int, width: int) -> Geometry:
+    """`geometry` over the same frame resized to height x width (a frame decoded at a
+    reduced resolution back onto the image as sent, or a heatmap shown smaller)."""
+    if (height, width) == (geometry.height, geometry.width):
+        return geometry
+    top, left, bottom, right = geometry.box
+    top, bottom = _span(top, bottom, geometry.height, height)
+    left, right = _span(left, right, geometry.width, width)
+    return dataclasses.replace(geometry, height=height, width=width, box=(top, left, bottom, right))
+
+
+def scale_box(box: Box, shape: tuple[int, int], new: tuple[int, int]) -> Box:
+    """A box (x, y, w, h) over a frame of `shape` (height, width) -> the same part of the
+    frame resized to `new` (height, width): at least a pixel a side, inside it."""
+    x, y, w, h = box
+    x0, x1 = _span(x, x + w, shape[1], new[1])
+    y0, y1 = _span(y, y + h, shape[0], new[0])
+    return x0, y0, x1 - x0, y1 - y0
 
 
 def to_original(square_map: np.ndarray, geometry: Geometry) -> np.ndarray:

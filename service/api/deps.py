@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.errors import ApiError
+from service.inference.admission import Ticket
 from service.store.keys import GRANTS
 
 # Declares the scheme in the OpenAPI document; authorize() does the checking itself so
@@ -123,6 +124,14 @@ FeedbackKey = Annotated[object, Depends(feedback_scope)]
 AUDIT_WAIT_S = 0.5
 _DONE: Future[bool] = Future()  # what there is to wait for when nothing was recorded
 _DONE.set_result(False)
+
+
+def pixel_ticket(request: Request) -> contextlib.AbstractContextManager[Ticket]:
+    """This request's share of the decoding budget (service/inference/admission.py), for a
+    `with` around decoding and everything up to the built answer (the decoded frames live
+    until then). Every route that decodes uploads takes from it: /v1 predict and /v2 infer.
+    """
+    return request.app.state.pixel_budget.held()
 
 
 class Audited:

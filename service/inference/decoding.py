@@ -1,9 +1,12 @@
 """Uploads -> RGB pixels, safely: sniffed by magic bytes, size- and pixel-bounded.
 
 PNG, JPEG, BMP, TIFF through Pillow (upright RGB and grey JPEGs through simplejpeg:
-the same libjpeg-turbo pixels in about half the time); DICOM through pydicom (see
-_dicom: one frame, compressed transfer syntaxes, VOI LUT, MONOCHROME1 inverted, YBR
-and palette colour to RGB, cropped to the ultrasound image region). Nothing from a
+the same libjpeg-turbo pixels in about half the time), at a bounded working resolution
+when the caller gives one (working_side: a huge JPEG is decoded at 1/2, 1/4 or 1/8
+scale by libjpeg, other formats are shrunk by Image.reduce after loading); DICOM
+through pydicom, always at full resolution (see _dicom: one frame, compressed transfer
+syntaxes, VOI LUT, MONOCHROME1 inverted, YBR and palette colour to RGB, cropped to the
+ultrasound image region). Nothing from a
 DICOM header leaves this module: the caller gets pixels, dimensions, the frame number,
 the crop offset and the ultrasound pixel spacing (for sizes in mm) only, so no
 patient-identifying tag can reach a log or the audit store.
@@ -19,12 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, ImageOps
 
 from service.errors import ApiError
 from thyroid_cad import imaging, nodule
 
 MIN_SIDE = 16
+# The working resolution (issue 17, item 2): a frame is decoded with at least this many
+# pixels on its long side, and at least WORKING_FACTOR times its model's input side.
+# Content cropping, ROI boxes and the localiser work on the decoded frame, so the bound
+# is kept well above the model's input; ultrasound frames (<= 2048 px) are never reduced.
+WORKING_SIDE = 2048
+WORKING_FACTOR = 4
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"\xff\xd8\xff", "image/jpeg"),
@@ -43,6 +52,28 @@ class Decoded:
     frame: int | None = None
     origin: tuple[int, int] = (0, 0)
     spacing_mm: tuple[float, float] | None = None  # DICOM ultrasound calibration (x, y)
+    # (height, width) of the image as sent (upright) when `rgb` was decoded smaller, at
+    # the working resolution; None when `rgb` is the image at full resolution.
+    full_size: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the image as sent: what a client's coordinates refer to."""
+        return self.full_size or self.rgb.shape[:2]
+
+
+def working_side(input_size: int) -> int:
+    """The long side (px) below which a frame for a model of `input_size` is not reduced
+    when decoded: max(WORKING_SIDE, WORKING_FACTOR x input_size)."""
+    return max(WORKING_SIDE, WORKING_FACTOR * input_size)
+
+
+def _factor(width: int, height: int, long_side: int | None) -> int:
+    """The integer reduction of a width x height image that keeps its long side at least
+    `long_side` and its short side at least MIN_SIDE; 1 (none) when `long_side` is None."""
+    if long_side is None:
+        return 1
+    return max(1, min(max(width, height) // long_side, min(width, height) // MIN_SIDE))
 
 
 def sniff(data: bytes) -> str:
@@ -120,10 +151,16 @@ def pixels(data: bytes) -> int:
         return 0
 
 
-def decode(data: bytes, max_pixels: int, frame: int | None = None) -> Decoded:
+def decode(
+    data: bytes, max_pixels: int, frame: int | None = None, long_side: int | None = None
+) -> Decoded:
     """Decode an upload or raise ApiError (4xx) saying what is wrong with it.
 
     `frame` (1-based) picks a frame of a multi-frame DICOM; default the first.
+    `long_side` (working_side()): a PNG, JPEG, BMP or TIFF at least twice as long is
+    decoded at a reduced resolution no smaller than it (`full_size` then says the size
+    as sent); None, and DICOM always: full resolution. max_pixels applies to the size as
+    sent, from the header.
     """
     if not data:
         raise ApiError(400, "empty_file", "the uploaded file is empty")
@@ -134,8 +171,9 @@ def decode(data: bytes, max_pixels: int, frame: int | None = None) -> Decoded:
     else:
         if frame not in (None, 1):
             raise _no_such_frame(frame, 1)
-        decoded = Decoded(_pillow(data, max_pixels), kind)
-    h, w = decoded.rgb.shape[:2]
+        rgb, size = _pillow(data, max_pixels, long_side)
+        decoded = Decoded(rgb, kind, full_size=None if rgb.shape[:2] == size else size)
+    h, w = decoded.size
     if min(h, w) < MIN_SIDE:
         raise ApiError(400, "image_too_small", f"image is {w}x{h}; at least {MIN_SIDE} px a side")
     return decoded
@@ -147,7 +185,11 @@ def _too_large(w: int, h: int, max_pixels: int) -> ApiError:
     )
 
 
-def _pillow(data: bytes, max_pixels: int) -> np.ndarray:
+def _pillow(
+    data: bytes, max_pixels: int, long_side: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The RGB pixels (at the working resolution when `long_side` asks for a reduction)
+    and the (height, width) of the image as sent, upright."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -155,14 +197,31 @@ def _pillow(data: bytes, max_pixels: int) -> np.ndarray:
             w, h = image.size
             if w * h > max_pixels:
                 raise _too_large(w, h, max_pixels)
-            fast = _fast_jpeg(image, data)
+            factor = _factor(w, h, long_side)
+            # A JPEG is scaled by 1/2, 1/4 or 1/8 while it is decoded (libjpeg's DCT
+            # scaling, Image.draft), so a huge one is never in memory at full size; what
+            # is left of the factor, and other formats, by Image.reduce after loading.
+            scale = next(s for s in (8, 4, 2, 1) if s <= factor)
+            fast = _fast_jpeg(image, data, scale)
+            if fast is not None and factor == scale:
+                return fast, (h, w)  # upright: the fast path takes no EXIF rotation
             if fast is not None:
-                return fast
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1:
-                image.seek(0)
-            image.load()
-            return imaging.to_rgb_array(image)
+                image = Image.fromarray(fast)  # over 16 times the working side
+            else:
+                if scale > 1:
+                    image.draft("RGB", (w // scale, h // scale))  # a no-op but for JPEG
+                frames = getattr(image, "n_frames", 1)
+                if frames > 1:
+                    image.seek(0)
+                image.load()
+                if factor == 1:
+                    rgb = imaging.to_rgb_array(image)
+                    return rgb, rgb.shape[:2]
+            # Upright as sent: a TIFF is turned on load (its size at open is already
+            # upright), others by to_rgb_array after this.
+            turned = image.getexif().get(imaging.EXIF_ORIENTATION, 1) in _TURNED
+            image = _reduce(image, _factor(*image.size, long_side))
+            return imaging.to_rgb_array(image), (w, h) if turned else (h, w)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -173,22 +232,45 @@ def _pillow(data: bytes, max_pixels: int) -> np.ndarray:
         ) from e
 
 
-def _fast_jpeg(image: Image.Image, data: bytes) -> np.ndarray | None:
+# EXIF orientations that turn the image by 90 degrees (width and height swap).
+_TURNED = frozenset({5, 6, 7, 8})
+# The modes Image.reduce averages; others (palette, 1-bit, 16-bit grey) go to RGB first.
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "I", "F", "CMYK"})
+
+
+def _reduce(image: Image.Image, factor: int) -> Image.Image:
+    """`image` shrunk `factor` times (each pixel the mean of a factor x factor block, as
+    Image.reduce makes it); as is for 1. Turned upright first: a TIFF's orientation tag
+    does not survive the copy."""
+    if factor == 1:
+        return image
+    if image.getexif().get(imaging.EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode not in _REDUCIBLE:
+        image = Image.fromarray(imaging.to_rgb_array(image))
+    return image.reduce(factor)
+
+
+def _fast_jpeg(image: Image.Image, data: bytes, scale: int = 1) -> np.ndarray | None:
     """An upright RGB or grey JPEG decoded by simplejpeg, else None (Pillow decodes it).
+    `scale` (1, 2, 4 or 8): decoded at 1/scale by libjpeg, as Image.draft would.
 
     Pillow and simplejpeg both run libjpeg-turbo with the accurate DCT and fancy
-    upsampling, so the pixels are identical (tests/test_decoding_speed.py checks it);
-    simplejpeg skips Pillow's copies. CMYK and EXIF-rotated files keep Pillow's
-    handling, and so does any file libjpeg warns about (strict=True raises on them):
-    Pillow accepts a few flipped bits in the scan but refuses a truncated file, and
-    that judgement stays Pillow's.
+    upsampling, so the pixels are identical, at full and at reduced scale
+    (tests/test_fast_preparation.py checks it); simplejpeg skips Pillow's copies.
+    CMYK and EXIF-rotated files keep Pillow's handling, and so does any file libjpeg
+    warns about (strict=True raises on them): Pillow accepts a few flipped bits in the
+    scan but refuses a truncated file, and that judgement stays Pillow's.
     """
     if image.format != "JPEG" or image.mode not in ("RGB", "L"):
         return None
     if image.getexif().get(imaging.EXIF_ORIENTATION, 1) != 1:
         return None
     try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        # At least Image.draft's size at 1/scale: libjpeg's scaling by exactly 1/scale.
+        w, h = -(-image.width // scale), -(-image.height // scale)
+        least = {"min_width": w, "min_height": h} if scale > 1 else {}
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **least)
     except ValueError:
         return None
 

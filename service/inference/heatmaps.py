@@ -3,12 +3,14 @@
 Rendered at most `max_pixels` large (THYROID_CAD_MAX_HEATMAP_PIXELS): an image over it
 gets its map at the largest size of the same aspect ratio under it (width and height say
 which), so a huge upload never makes a huge overlay; ultrasound frames are under it.
+The geometry describes the image as sent, also when its frame was decoded at the
+working resolution (service/inference/decoding.py): the map is the uploaded image's,
+and an overlay's frame is resized to the map.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import math
 
@@ -46,15 +48,7 @@ def bounded(geometry: imaging.Geometry, max_pixels: int) -> imaging.Geometry:
     if h * w <= max_pixels:
         return geometry
     scale = math.sqrt(max_pixels / (h * w))
-    height, width = max(1, int(h * scale)), max(1, int(w * scale))
-    top, left, bottom, right = geometry.box
-
-    def at(value: int, full: int, new: int) -> int:
-        return min(new, round(value * new / full))
-
-    box = (at(top, h, height), at(left, w, width), at(bottom, h, height), at(right, w, width))
-    box = (box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1))
-    return dataclasses.replace(geometry, height=height, width=width, box=box)
+    return imaging.rescale(geometry, max(1, int(h * scale)), max(1, int(w * scale)))
 
 
 def render_heatmap(

@@ -31,15 +31,22 @@ class Located:
 class Prepared:
     """A decoded upload and the model input made from it."""
 
-    rgb: np.ndarray  # the decoded frame, H x W x 3 uint8
+    rgb: np.ndarray  # the decoded frame, H x W x 3 uint8 (at the working resolution)
     square: np.ndarray  # the model input, S x S x 3 uint8
-    geometry: imaging.Geometry  # how to map model-input pixels back onto `rgb`
+    # How to map model-input pixels back onto the image as sent (`size`), which `rgb`
+    # shows at a reduced resolution when it was decoded smaller (decoding.working_side).
+    geometry: imaging.Geometry
     content_type: str
     decode_s: float
     prepare_s: float
     frame: int | None = None  # the multi-frame DICOM frame used (1-based)
     origin: tuple[int, int] = (0, 0)  # (row, col) of `rgb` in that frame (DICOM region crop)
-    located: Located | None = None  # ROI models only
+    located: Located | None = None  # ROI models only (boxes in the image's pixels as sent)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the image as sent."""
+        return self.geometry.height, self.geometry.width
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,8 @@ def locate(
 
     None for whole-frame models (which refuse a box). The shape comes from the
     localiser's outline of the nodule (the one the user's box holds, when there is one).
+    Boxes and shapes are in the pixels of the image as sent (decoded.size), also when
+    the frame was decoded at a reduced resolution.
 
     Raises:
         ApiError: 400 for a box outside the image or of zero size, a box sent to a
@@ -84,16 +93,17 @@ def locate(
                 f"{model.name} v{model.version} classifies whole frames and takes no roi",
             )
         return None
-    height, width = decoded.rgb.shape[:2]
+    height, width = decoded.size
     if roi is not None:
         try:
             roi = imaging.check_roi(roi, height, width)
         except imaging.RoiError as e:
             raise ApiError(400, "invalid_roi", str(e)) from e
-    proposal = model.localise(decoded.rgb, within=roi) if model.localiser is not None else None
+    within = None if roi is None else _to_frame(roi, decoded)
+    proposal = model.localise(decoded.rgb, within) if model.localiser is not None else None
     shape = None
     if proposal is not None and proposal.box is not None:
-        measures = nodule.shape(proposal.mask, decoded.spacing_mm)
+        measures = _as_sent(nodule.shape(proposal.mask, decoded.spacing_mm), decoded)
         shape = ShapeOut(**measures, score=round(proposal.score, 4))
     if roi is not None:
         return Located(RoiOut.of(roi, "user"), shape)
@@ -106,7 +116,28 @@ def locate(
         )
     if proposal.box is None:  # nothing found: the whole frame, as in training
         return Located(RoiOut(source="none"), None)
-    return Located(RoiOut.of(proposal.box, "localiser"), shape)
+    box = imaging.scale_box(proposal.box, decoded.rgb.shape[:2], decoded.size)
+    return Located(RoiOut.of(box, "localiser"), shape)
+
+
+def _to_frame(box: imaging.Box, decoded: decoding.Decoded) -> imaging.Box:
+    """A box in the pixels of the image as sent -> in those of the decoded frame."""
+    return imaging.scale_box(box, decoded.size, decoded.rgb.shape[:2])
+
+
+def _as_sent(measures: dict, decoded: decoding.Decoded) -> dict:
+    """nodule.shape() measures on the decoded frame in the pixels of the image as sent
+    (the same unless it was decoded at a reduced resolution; mm and ratios are kept)."""
+    (height, width), (h, w) = decoded.size, decoded.rgb.shape[:2]
+    if (height, width) == (h, w):
+        return measures
+    sx, sy = width / w, height / h
+    return {
+        **measures,
+        "width_px": round(measures["width_px"] * sx),
+        "depth_px": round(measures["depth_px"] * sy),
+        "area_px": round(measures["area_px"] * sx * sy),
+    }
 
 
 def prepare(
@@ -124,17 +155,21 @@ def prepare(
     its localiser's), with the margin of its card. `frame`: which frame of a multi-frame
     DICOM (1-based; default the first). `ticket`: the request's share of the decoding
     budget (service/inference/admission.py), taken before decoding (ApiError 503 `busy`
-    when there is no room) and given back by its holder.
+    when there is no room) and given back by its holder. A frame at least twice as long
+    as decoding.working_side(size) is decoded at a reduced resolution; the geometry and
+    boxes still describe the image as sent.
     """
     t0 = time.perf_counter()
     if ticket is not None:
         ticket.take(decoding.pixels(data))
-    decoded = decoding.decode(data, max_pixels, frame)
+    decoded = decoding.decode(data, max_pixels, frame, decoding.working_side(size))
     t1 = time.perf_counter()
     located = locate(model, decoded, roi) if model is not None else None
     box = None if located is None or located.roi.source == "none" else located.roi.box
     margin = float(model.roi["margin"]) if box is not None else imaging.ROI_MARGIN
+    box = None if box is None else _to_frame(box, decoded)
     square, geometry = imaging.prepare_input(decoded.rgb, size, box, margin)
+    geometry = imaging.rescale(geometry, *decoded.size)
     t2 = time.perf_counter()
     return Prepared(
         decoded.rgb,

@@ -16,6 +16,12 @@ Models trained on ROI crops: a BYTES input may carry the parameter `roi`, the no
 the bundled localiser propose it, as does no `roi` at all). The response's parameters
 say what was classified: `roi` (same format), `roi_source` (`user`, `localiser` or
 `none` per image) and `shape` (JSON list, per image, of the nodule's shape or null).
+
+Admission: like /v1, a request takes the pixels of its frames from the decoding budget
+(service/inference/admission.py) before they are decoded or converted (each BYTES
+element's from its header; a UINT8 tensor's N x S x S) and gives them back when its
+answer is built; no room within THYROID_CAD_ADMISSION_TIMEOUT_S is a 503 `busy` with
+Retry-After.
 """
 
 from __future__ import annotations
@@ -33,12 +39,13 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Audited, PredictKey, auth_first, health_scope
+from service.api.deps import Audited, PredictKey, auth_first, health_scope, pixel_ticket
 from service.api.routes.v1 import extra
 from service.config import Settings
 from service.errors import ApiError
 from service.inference import pipeline as inference
 from service.inference import safety
+from service.inference.admission import Ticket
 from service.inference.models import LoadedModel
 from service.schemas import SQL_INT_MAX
 from thyroid_cad import tirads
@@ -139,7 +146,8 @@ def oip_errors(*statuses: int) -> dict:
         413: "Request, batch or image too large.",
         415: "An encoded image is not a supported format.",
         422: "A parameter fails the schema.",
-        503: "No model loaded, or the queue is full (Retry-After).",
+        503: "No model loaded, the queue is full or too many pixels are being decoded "
+        "(busy; both with Retry-After).",
     }
     return {
         s: {"description": why[s], "content": {"application/json": {"schema": _ERROR}}} | extra(s)
@@ -264,7 +272,9 @@ def _bad(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, code, message)
 
 
-async def _parse(request: Request, max_bytes: int) -> tuple[dict, bytes]:
+async def _parse(request: Request, max_bytes: int) -> tuple[dict, memoryview]:
+    """The request's JSON header, and a view of the binary data after it (empty without
+    the binary tensor extension): views, so a waiting request holds its upload once."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "request_too_large", f"request body exceeds {max_bytes} bytes")
@@ -277,8 +287,8 @@ async def _parse(request: Request, max_bytes: int) -> tuple[dict, bytes]:
             n = int(header_len)
             if not 0 < n <= len(body):
                 raise ValueError("Inference-Header-Content-Length is out of range")
-            return _check_header(json.loads(body[:n])), body[n:]
-        return _check_header(json.loads(body)), b""
+            return _check_header(json.loads(body[:n])), memoryview(body)[n:]
+        return _check_header(json.loads(body)), memoryview(b"")
     except (ValueError, RecursionError) as e:  # RecursionError: '[[[[...' nested too deep
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
 
@@ -361,7 +371,7 @@ def _check_header(header) -> dict:
     return header
 
 
-def _bytes_elements(spec: dict, blob: bytes, offset: int) -> tuple[list[bytes], int]:
+def _bytes_elements(spec: dict, blob: memoryview, offset: int) -> tuple[list[bytes], int]:
     size = spec.get("parameters", {}).get("binary_data_size")
     if size is not None:
         raw, out = blob[offset : offset + size], []
@@ -374,7 +384,7 @@ def _bytes_elements(spec: dict, blob: bytes, offset: int) -> tuple[list[bytes], 
             (n,) = struct.unpack_from("<I", raw, i)
             if i + 4 + n > len(raw):
                 raise _bad("truncated BYTES element", "invalid_tensor")
-            out.append(raw[i + 4 : i + 4 + n])
+            out.append(bytes(raw[i + 4 : i + 4 + n]))
             i += 4 + n
         return out, offset + size
     try:
@@ -417,7 +427,7 @@ def _ood_parameters(ood: list) -> dict:
     }
 
 
-def _all_read(blob: bytes, used: int) -> None:
+def _all_read(blob: memoryview, used: int) -> None:
     """400 for binary data beyond what the input tensor declares (binary_data_size), as
     Triton refuses it: trailing bytes are a client bug, not padding."""
     if len(blob) > used:
@@ -440,8 +450,11 @@ def _check_outputs(header: dict, model: LoadedModel) -> None:
 
 
 def _batch(
-    model: LoadedModel, spec: dict, blob: bytes, limits: Settings
+    model: LoadedModel, spec: dict, blob: memoryview, limits: Settings, ticket: Ticket
 ) -> tuple[np.ndarray, dict, list]:
+    """The model's input batch from the request's tensor, its audit facts and, for ROI
+    models, what each image's classification located. Takes the frames' pixels from
+    `ticket` (the request's share of the decoding budget) before decoding them."""
     dtype, shape = spec.get("datatype"), spec.get("shape")
     s = model.input_size
     if dtype == "UINT8":
@@ -449,6 +462,7 @@ def _batch(
             raise ApiError(400, "invalid_shape", f"UINT8 image must have shape [N, {s}, {s}, 3]")
         size = spec.get("parameters", {}).get("binary_data_size")
         _all_read(blob, size or 0)
+        ticket.take(shape[0] * s * s)
         if size is not None:
             values = np.frombuffer(blob[:size], dtype=np.uint8)
         else:
@@ -493,11 +507,13 @@ def _batch(
                 raise ApiError(
                     413, "file_too_large", f"an image exceeds {limits.max_upload_bytes} bytes"
                 )
-            prepared = inference.prepare(data, s, limits.max_image_pixels, model, roi)
+            prepared = inference.prepare(data, s, limits.max_image_pixels, model, roi, None, ticket)
             frames.append(prepared.square)
             located.append(prepared.located)
-        digest = hashlib.sha256(b"".join(files)).hexdigest()
-        facts = {"content_type": "tensor/bytes", "input_sha256": digest}
+        digest = hashlib.sha256()
+        for data in files:  # the files' concatenation, without a copy of it
+            digest.update(data)
+        facts = {"content_type": "tensor/bytes", "input_sha256": digest.hexdigest()}
         return np.stack(frames), facts, located if model.roi else []
     raise ApiError(400, "invalid_datatype", "image must be UINT8 [N,S,S,3] or BYTES [N]")
 
@@ -616,67 +632,69 @@ async def infer_version(request: Request, key: PredictKey, name: str, version: V
 
 async def _infer(request: Request, key, name: str, version: str | None):
     async with Audited(request, "/v2/models/{name}/infer", key) as audited:
-        # A version not loaded yet is loaded on first use: file and session work, off the loop.
-        model = await run_in_threadpool(_model, request, name, version)
-        audited.record.update(model_name=model.name, model_version=model.version)
-        limits: Settings = request.app.state.settings
-        header, blob = await _parse(request, 4 * limits.max_upload_bytes)
-        _check_outputs(header, model)  # before any decoding work
-        t0 = time.perf_counter()
-        batch, facts, located = await run_in_threadpool(
-            _batch, model, header["inputs"][0], blob, limits
-        )
-        if len(batch) == 0:
-            raise _bad("the batch is empty", "invalid_shape")
-        audited.record.update(
-            facts, image_height=int(batch.shape[1]), image_width=int(batch.shape[2])
-        )
-        t1 = time.perf_counter()
-        result = await run_in_threadpool(model.infer, batch)
-        t2 = time.perf_counter()
-        ood = safety.of_outputs(model.card, result.outputs, list(batch))
-        audited.record.update(safety.record(ood))
-        if len(located) == 1 and located[0] is not None:
-            audited.record.update(safety.roi_record(located[0].roi))
-        safety.enforce(limits.ood_policy, ood)  # refused: audited, no probabilities
-        probs = result.probabilities
-        # Every graph output by name (descriptor heads, ood_score), probabilities first.
-        tensors = {n: result.outputs[n] for n in OUTPUTS if n in result.outputs} | result.outputs
-        outputs, binary = _encode_outputs(header, tensors)
-        names = model.card["class_names"]
-        if len(batch) == 1:
-            audited.record.update(
-                label=names[int(np.argmax(probs[0]))],
-                probabilities={n: float(p) for n, p in zip(names, probs[0], strict=True)},
+        with pixel_ticket(request) as ticket:  # held until the answer is built
+            # A version not loaded yet is loaded on first use: file and session work, off the loop.
+            model = await run_in_threadpool(_model, request, name, version)
+            audited.record.update(model_name=model.name, model_version=model.version)
+            limits: Settings = request.app.state.settings
+            header, blob = await _parse(request, 4 * limits.max_upload_bytes)
+            _check_outputs(header, model)  # before any decoding work
+            t0 = time.perf_counter()
+            batch, facts, located = await run_in_threadpool(
+                _batch, model, header["inputs"][0], blob, limits, ticket
             )
-        audited.record["timings"] = {
-            "decode_ms": (t1 - t0) * 1e3,
-            "queue_ms": result.queue_s * 1e3,
-            "inference_ms": (t2 - t1 - result.queue_s) * 1e3,
-            "batch_size": result.batch_size,
-            "total_ms": (time.perf_counter() - audited.start) * 1e3,
-        }
-        audited.finish(200)
-        body = {
-            "model_name": model.name,
-            "model_version": str(model.version),
-            "id": header.get("id") or audited.record["request_id"],
-            "parameters": {
-                "disclaimer": model.card.get("disclaimer"),
-                "class_names": names,
-                **(_roi_parameters(located) if located else {}),
-                **_ood_parameters(ood),
-            },
-            "outputs": outputs,
-        }
-        if not binary:
-            return body
-        head = json.dumps(body).encode()
-        return Response(
-            head + binary,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(len(head))},
-        )
+            if len(batch) == 0:
+                raise _bad("the batch is empty", "invalid_shape")
+            audited.record.update(
+                facts, image_height=int(batch.shape[1]), image_width=int(batch.shape[2])
+            )
+            t1 = time.perf_counter()
+            result = await run_in_threadpool(model.infer, batch)
+            t2 = time.perf_counter()
+            ood = safety.of_outputs(model.card, result.outputs, list(batch))
+            audited.record.update(safety.record(ood))
+            if len(located) == 1 and located[0] is not None:
+                audited.record.update(safety.roi_record(located[0].roi))
+            safety.enforce(limits.ood_policy, ood)  # refused: audited, no probabilities
+            probs = result.probabilities
+            # Every graph output by name (descriptor heads, ood_score), probabilities first.
+            tensors = {n: result.outputs[n] for n in OUTPUTS if n in result.outputs}
+            tensors |= result.outputs
+            outputs, binary = _encode_outputs(header, tensors)
+            names = model.card["class_names"]
+            if len(batch) == 1:
+                audited.record.update(
+                    label=names[int(np.argmax(probs[0]))],
+                    probabilities={n: float(p) for n, p in zip(names, probs[0], strict=True)},
+                )
+            audited.record["timings"] = {
+                "decode_ms": (t1 - t0) * 1e3,
+                "queue_ms": result.queue_s * 1e3,
+                "inference_ms": (t2 - t1 - result.queue_s) * 1e3,
+                "batch_size": result.batch_size,
+                "total_ms": (time.perf_counter() - audited.start) * 1e3,
+            }
+            audited.finish(200)
+            body = {
+                "model_name": model.name,
+                "model_version": str(model.version),
+                "id": header.get("id") or audited.record["request_id"],
+                "parameters": {
+                    "disclaimer": model.card.get("disclaimer"),
+                    "class_names": names,
+                    **(_roi_parameters(located) if located else {}),
+                    **_ood_parameters(ood),
+                },
+                "outputs": outputs,
+            }
+            if not binary:
+                return body
+            head = json.dumps(body).encode()
+            return Response(
+                head + binary,
+                media_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(len(head))},
+            )
 
 
 _TRITON_TYPE = {"UINT8": "TYPE_UINT8", "FP32": "TYPE_FP32"}

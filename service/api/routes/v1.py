@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import WithJsonSchema
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import AdminKey, Audited, PredictKey, auth_first
+from service.api.deps import AdminKey, Audited, PredictKey, auth_first, pixel_ticket
 from service.api.routes import formats
 from service.config import Settings
 from service.errors import ApiError
@@ -167,8 +167,7 @@ def predict_upload(
             request, files, key, route, heatmap, class_name, where, options, roi, all_frames
         )
     file = files[0]
-    budget = request.app.state.pixel_budget  # held until the answer is built
-    with Audited(request, route, key) as audited, budget.held() as ticket:
+    with Audited(request, route, key) as audited, pixel_ticket(request) as ticket:
         settings: Settings = request.app.state.settings
         model, via = request.app.state.models.get(alias=alias, version=version, name=name)
         audited.record.update(model_name=model.name, model_version=model.version)
@@ -189,8 +188,8 @@ def predict_upload(
         )
         audited.record.update(
             content_type=prepared.content_type,
-            image_height=prepared.rgb.shape[0],
-            image_width=prepared.rgb.shape[1],
+            image_height=prepared.size[0],
+            image_width=prepared.size[1],
         )
         source = formats.source_header(options.format, data, prepared)
         scored = inference.score(model, prepared)
@@ -263,8 +262,7 @@ def predict_frames(
     heatmap, and the nodule from all of them (frames.AGGREGATION). One audit record for
     the call, with the frame count in its timings; JSON answers only. The frames share one
     ticket of the pixel budget, so a call of many frames at most runs alone."""
-    budget = request.app.state.pixel_budget
-    with Audited(request, route, key) as audited, budget.held() as ticket:
+    with Audited(request, route, key) as audited, pixel_ticket(request) as ticket:
         settings: Settings = request.app.state.settings
         model, via = request.app.state.models.get(**where)
         audited.record.update(model_name=model.name, model_version=model.version)
@@ -293,8 +291,8 @@ def predict_frames(
         first = scored[0][1].prepared
         audited.record.update(
             content_type=first.content_type,
-            image_height=first.rgb.shape[0],
-            image_width=first.rgb.shape[1],
+            image_height=first.size[0],
+            image_width=first.size[1],
         )
         oods = [s.ood for _, s in scored]
         audited.record.update(safety.record(oods))
