@@ -204,18 +204,24 @@ def test_v2_gives_the_budget_back_when_its_answer_is_built(served_module):
 
 def test_heatmaps_of_big_images_are_rendered_at_a_bounded_size(served_module):
     settings = served_module.settings.model_copy(update={"max_heatmap_pixels": 64 * 48})
+    png = factory.png(factory.image(size=160))
     with TestClient(create_app(settings)) as api:
-        r = api.post(
+        auth = {"Authorization": f"Bearer {served_module.predict_key}"}
+        one = api.post("/v1/predict?heatmap=overlay", files={"file": ("x.png", png)}, headers=auth)
+        # several frames of one nodule: each frame's heatmap under the same bound
+        two = api.post(
             "/v1/predict?heatmap=overlay",
-            files={"file": ("x.png", factory.png(factory.image(size=160)), "image/png")},
-            headers={"Authorization": f"Bearer {served_module.predict_key}"},
+            files=[("file", ("a.png", png)), ("file", ("b.png", png))],
+            headers=auth,
         )
-    assert r.status_code == 200, r.text
-    heatmap = r.json()["heatmap"]
-    assert heatmap["width"] * heatmap["height"] <= 64 * 48
-    assert abs(heatmap["width"] - heatmap["height"]) <= 1  # the square's aspect ratio kept
-    shown = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
-    assert shown.size == (heatmap["width"], heatmap["height"])
+    assert one.status_code == 200, one.text
+    assert two.status_code == 200, two.text
+    frames = [f["heatmap"] for f in two.json()["frames"]]
+    for heatmap in [one.json()["heatmap"], *frames]:
+        assert heatmap["width"] * heatmap["height"] <= 64 * 48
+        assert abs(heatmap["width"] - heatmap["height"]) <= 1  # the square's aspect ratio kept
+        shown = Image.open(io.BytesIO(base64.b64decode(heatmap["data"])))
+        assert shown.size == (heatmap["width"], heatmap["height"])
 
 
 def test_a_budget_under_the_image_limit_is_refused_at_start():

@@ -38,7 +38,9 @@ def _colormap(values: np.ndarray) -> np.ndarray:
 
 def _png(array: np.ndarray) -> str:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG", optimize=False)
+    # zlib level 1: about 4x faster than Pillow's default 6 on an ultrasound overlay
+    # (the encoding was 18 % of a png-heatmap request), and no larger on speckle.
+    Image.fromarray(array).save(buf, "PNG", optimize=False, compress_level=1)
     return base64.b64encode(buf.getvalue()).decode()
 
 

@@ -307,7 +307,13 @@ def predict_frames(
                     frame=s.prepared.frame,
                     prediction=s.prediction,
                     heatmap=heatmaps.render_heatmap(
-                        model, s.heatmap, index, heatmap, s.prepared.rgb, s.prepared.geometry
+                        model,
+                        s.heatmap,
+                        index,
+                        heatmap,
+                        s.prepared.rgb,
+                        s.prepared.geometry,
+                        settings.max_heatmap_pixels,
                     ),
                     roi=located.roi if located else None,
                     shape=located.shape if located else None,
