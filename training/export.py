@@ -49,6 +49,8 @@ PARITY_IMAGES = 32
 _FEATURE_CALIBRATION = {
     "svm": "Platt (SVM)",
     "rf": "none (forest votes)",
+    # runs from before the probe was folded into the head (they saved classifier.pkl)
+    "logreg": "logistic regression (its own probabilities)",
 }
 DISCLAIMER = "Research software: not for diagnostic use."
 INTENDED_USE = (
