@@ -129,6 +129,7 @@ def registry_promote(
 
     with user_errors():
         event = store.promote(version, alias, name, force=force, reason=reason)
+    _say_moved(name, event)
     typer.echo(json.dumps(event))
     _warn_if_not_served(name, alias)
 
@@ -172,7 +173,18 @@ def registry_rollback(
 
     with user_errors():
         event = store.rollback(alias, name, reason)
+    _say_moved(name, event)
     typer.echo(json.dumps(event))
+
+
+def _say_moved(name: str, event: dict) -> None:
+    """One sentence for people on stderr; stdout keeps the JSON event for scripts."""
+    was = f"version {event['previous']}" if event.get("previous") else "no version"
+    log.info(
+        "%s@%s -> version %s (was %s)%s",
+        name, event["alias"], event["version"], was,
+        " [forced: " + event["why"] + "]" if event.get("forced") else "",
+    )  # fmt: skip
 
 
 @registry_app.command("resolve", short_help="Download the ONNX file and card of a version.")
@@ -205,6 +217,9 @@ def registry_resolve(
         if out is None:
             out = settings.home() / "resolved" / f"{resolved.name}-{resolved.version}"
         store.copy_out(resolved, out)
+    via = f" (@{resolved.alias})" if resolved.alias else ""
+    log.info("%s version %s%s: model.onnx and model_card.json in %s",
+             resolved.name, resolved.version, via, out)  # fmt: skip
     typer.echo(
         json.dumps(
             {

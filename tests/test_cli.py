@@ -310,6 +310,8 @@ def test_registry_commands_take_aliases_and_say_what_will_not_be_served(
     promoted = cli("registry", "promote", "1", "--alias", "champion")
     assert promoted["exit"] == 0 and json.loads(promoted["stdout"])["version"] == 1
     assert "THYROID_CAD_EXTRA_ALIASES" not in promoted["stderr"]  # champion is served
+    # JSON on stdout for scripts, one sentence on stderr for people
+    assert f"{name}@champion -> version 1 (was no version)" in promoted["stderr"]
 
     shown = {}
     for reference in ("1", "champion", f"{name}@champion", f"{name}/1"):
@@ -328,8 +330,13 @@ def test_registry_commands_take_aliases_and_say_what_will_not_be_served(
     assert listed[1].split()[:2] == ["1", "champion"]
 
     # resolve writes under THYROID_CAD_HOME, never into the working folder
-    resolved = json.loads(cli("registry", "resolve", "champion")["stdout"])
+    result = cli("registry", "resolve", "champion")
+    resolved = json.loads(result["stdout"])
     out = Path(resolved["out"])
+    assert (
+        f"{name} version 1 (@champion): model.onnx and model_card.json in {out}"
+        in (result["stderr"])
+    )
     assert out == session_home / "resolved" / f"{name}-1" and (out / "model.onnx").is_file()
     assert list(tmp_path.iterdir()) == []
 
