@@ -24,7 +24,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from thyroid_cad import imaging
-from training import loso, models, sources
+from training import loso, models, roi, sources
 from training.audit import inspect_all
 from training.data import scan
 from training.splits import grouped_split
@@ -105,6 +105,13 @@ def main() -> None:
         "--prep", nargs="+", default=["content-letterbox", "letterbox", "content-squash"]
     )
     ap.add_argument("--flip", action="store_true")
+    ap.add_argument(
+        "--localiser",
+        default=None,
+        help="also probe the localiser's nodule crop (margin --margin) alone and beside "
+        "the whole frame (both views' final pooled features side by side)",
+    )
+    ap.add_argument("--margin", type=float, default=1.0)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
 
@@ -119,9 +126,33 @@ def main() -> None:
     folds = {h: loso.holdout_indices(idx, src, h, split.groups) for h in names}
     model = extractor(args.weights)
     rows = []
-    for prep in args.prep:
-        images = np.stack([prepared(r.path, prep) for r in dataset.records])
-        for feat, x in sets(features(model, images, args.flip)).items():
+    views = {prep: None for prep in args.prep}
+    if args.localiser:
+        boxes = roi.propose_all(
+            [r.path for r in dataset.records],
+            dataset.sha256(),
+            roi.resolve_localiser(args.localiser),
+        )
+        views[f"crop-{args.margin}"] = boxes
+    whole = None
+    for prep, boxes in views.items():
+        if boxes is None:
+            images = np.stack([prepared(r.path, prep) for r in dataset.records])
+        else:
+            images = np.stack(
+                [
+                    imaging.load_prepared(r.path, SIZE, b, args.margin)
+                    for r, b in zip(dataset.records, boxes, strict=True)
+                ]
+            )
+        named = sets(features(model, images, args.flip))
+        if boxes is None and prep == "content-letterbox":
+            whole = named["final-mean"]
+        if boxes is not None:
+            named = {"final-mean": named["final-mean"]}
+            if whole is not None:
+                named["whole+crop final"] = np.concatenate([whole, named["final-mean"]], axis=1)
+        for feat, x in named.items():
             for c in (0.001, 0.01, 0.1):
                 aucs = {}
                 for h, f in folds.items():
