@@ -68,17 +68,21 @@ def test_predict_returns_versioned_probabilities_heatmap_and_disclaimer(client, 
     assert r.headers["X-Request-ID"] == body["request_id"]
 
 
-def test_the_malignant_phantom_is_called_malignant(client, served):
-    votes = []
-    for seed in range(4):
-        for label in ("benign", "malignant"):
+def test_the_malignant_phantom_scores_above_the_benign(client, served):
+    """Through the service, malignant phantoms rank above benign ones: the served model
+    is the trained one (a label count would hang on the validation threshold, set for
+    sensitivity 0.9, which calls many of the harder phantom's benign frames malignant)."""
+    p = {"benign": [], "malignant": []}
+    for seed in range(6):
+        for label in p:
             r = client.post(
                 "/v1/predict?heatmap=none",
                 files={"file": ("x.png", _png(label, seed), "image/png")},
                 headers=_auth(served.predict_key),
             )
-            votes.append(r.json()["prediction"]["label"] == label)
-    assert sum(votes) >= 6  # the tiny model learned the phantom (test AUC > 0.9)
+            p[label].append(r.json()["prediction"]["probabilities"]["malignant"])
+    ranked = np.mean([m > b for m in p["malignant"] for b in p["benign"]])
+    assert ranked >= 0.75, p  # an AUC over 36 pairs; the run's test AUC is above 0.9
 
 
 @pytest.mark.parametrize("mode", ["none", "png", "overlay", "array"])
