@@ -25,6 +25,9 @@ class Located:
 
     roi: RoiOut
     shape: ShapeOut | None
+    # The same box in the decoded frame's pixels (what the model's input is cut from;
+    # they differ from roi's when the frame was decoded at the working resolution).
+    frame_box: imaging.Box | None = None
 
 
 @dataclass(frozen=True)
@@ -99,14 +102,15 @@ def locate(
             roi = imaging.check_roi(roi, height, width)
         except imaging.RoiError as e:
             raise ApiError(400, "invalid_roi", str(e)) from e
-    within = None if roi is None else _to_frame(roi, decoded)
+    # the user's box in the decoded frame's pixels (the same unless decoded smaller)
+    within = None if roi is None else imaging.scale_box(roi, decoded.size, decoded.rgb.shape[:2])
     proposal = model.localise(decoded.rgb, within) if model.localiser is not None else None
     shape = None
     if proposal is not None and proposal.box is not None:
         measures = _as_sent(nodule.shape(proposal.mask, decoded.spacing_mm), decoded)
         shape = ShapeOut(**measures, score=round(proposal.score, 4))
     if roi is not None:
-        return Located(RoiOut.of(roi, "user"), shape)
+        return Located(RoiOut.of(roi, "user"), shape, within)
     if proposal is None:
         raise ApiError(
             400,
@@ -117,12 +121,7 @@ def locate(
     if proposal.box is None:  # nothing found: the whole frame, as in training
         return Located(RoiOut(source="none"), None)
     box = imaging.scale_box(proposal.box, decoded.rgb.shape[:2], decoded.size)
-    return Located(RoiOut.of(box, "localiser"), shape)
-
-
-def _to_frame(box: imaging.Box, decoded: decoding.Decoded) -> imaging.Box:
-    """A box in the pixels of the image as sent -> in those of the decoded frame."""
-    return imaging.scale_box(box, decoded.size, decoded.rgb.shape[:2])
+    return Located(RoiOut.of(box, "localiser"), shape, proposal.box)
 
 
 def _as_sent(measures: dict, decoded: decoding.Decoded) -> dict:
@@ -165,9 +164,8 @@ def prepare(
     decoded = decoding.decode(data, max_pixels, frame, decoding.working_side(size))
     t1 = time.perf_counter()
     located = locate(model, decoded, roi) if model is not None else None
-    box = None if located is None or located.roi.source == "none" else located.roi.box
+    box = located.frame_box if located is not None else None
     margin = float(model.roi["margin"]) if box is not None else imaging.ROI_MARGIN
-    box = None if box is None else _to_frame(box, decoded)
     square, geometry = imaging.prepare_input(decoded.rgb, size, box, margin)
     geometry = imaging.rescale(geometry, *decoded.size)
     t2 = time.perf_counter()
