@@ -47,6 +47,21 @@ def localiser_train(
             metavar="WIDTHS", help="U-Net widths per level, comma-separated (last: bottleneck)."
         ),
     ] = "8,16,32,64,128",
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help="Down path: unet (compact, from scratch) or mobilenetv2 (pretrained, "
+            "frozen; --filters then give the up path's widths at strides 1..16)."
+        ),
+    ] = "unet",
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE|imagenet",
+            help="The mobilenetv2 encoder's weights: a local ImageNet file (TFLite or "
+            "Keras h5) or imagenet (Keras' download).",
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs (early stopping on val).")] = 30,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 16,
     learning_rate: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
@@ -81,6 +96,8 @@ def localiser_train(
             annotations=files,
             image_size=image_size,
             filters=widths,
+            encoder=encoder,
+            weights=weights,
             epochs=epochs,
             batch_size=batch_size,
             learning_rate=learning_rate,

@@ -59,11 +59,9 @@ def prepared(path, how: str) -> np.ndarray:
 def extractor(weights: str) -> keras.Model:
     """The training backbone (weights imported as `thyroid-cad train` does), with mean
     and standard deviation pooling of every block output in LAYERS."""
-    backbone = models.build_backbone("mobilenetv2", SIZE, weights)
-    app = next(layer for layer in backbone.layers if isinstance(layer, keras.Model))
+    encoder = models.mobilenetv2_layers(SIZE, weights, LAYERS)
     inputs = keras.Input((SIZE, SIZE, 3))
-    x = backbone.get_layer("mobilenet_preprocess")(inputs)
-    outs = keras.Model(app.input, [app.get_layer(n).output for n in LAYERS])(x)
+    outs = encoder(inputs)
     pooled = []
     for o in outs:  # mean and standard deviation over space: a texture statistic
         mean = keras.ops.mean(o, axis=(1, 2))

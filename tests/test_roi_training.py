@@ -431,3 +431,96 @@ def test_localiser_trains_on_ddti_outlines_and_breast_us_masks(home, thyroid_see
         assert 0 <= m[key] <= 1, key
     assert int(p["n_train"]) + int(p["n_val"]) + int(p["n_test"]) <= 120
     assert m["test_n_thyroid-seed"] > 0 and m["test_n_breast-us"] > 0
+
+
+# --------------------------------------------------------------------------- #
+# the localiser on a pretrained MobileNetV2 encoder
+# --------------------------------------------------------------------------- #
+def _mobilenet_cfg(annotation_files, **kw) -> localiser.LocaliserConfig:
+    return localiser.LocaliserConfig(
+        annotations=[str(f) for f in annotation_files],
+        image_size=64,
+        encoder="mobilenetv2",
+        filters=(4, 8, 8, 16, 16),
+        experiment="tests-localiser",
+        **{"epochs": 2, "max_images": 48, **kw},
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"encoder": "resnet"}, "unknown encoder"),
+        ({"weights": "x.tflite"}, "weights go with mobilenetv2"),
+        ({"encoder": "mobilenetv2", "filters": (8, 16, 32, 64)}, "needs 5 up-path widths"),
+        ({"encoder": "mobilenetv2", "filters": (8,) * 5, "image_size": 80}, "divisible by 32"),
+    ],
+)
+def test_encoder_choice_is_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        localiser.LocaliserConfig(**{"annotations": ["a.csv"], **kwargs}).validate()
+
+
+def test_mobilenetv2_encoder_stays_frozen_while_the_up_path_learns(phantom_root):
+    model = localiser.build_localiser(_mobilenet_cfg([phantom_root / "annotations.csv"]))
+    encoder = model.get_layer("encoder")
+    assert not encoder.trainable and encoder.trainable_weights == []
+    assert model.trainable_weights and all(
+        not any(w is e for e in encoder.weights) for w in model.trainable_weights
+    )
+    before = [np.array(w) for w in encoder.weights]  # kernels and BN moving statistics
+    up = [np.array(w) for w in model.trainable_weights]
+    model.compile(optimizer="adam", loss=localiser.dice_bce_loss)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (8, 64, 64, 3)).astype("float32")
+    y = (rng.random((8, 64, 64)) > 0.7).astype("float32")
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    assert all(np.array_equal(b, np.array(w)) for b, w in zip(before, encoder.weights, strict=True))
+    assert any(
+        not np.allclose(b, np.array(w)) for b, w in zip(up, model.trainable_weights, strict=True)
+    )
+
+
+def test_mobilenetv2_localiser_trains_exports_and_is_refused_as_a_unet_backbone(
+    home, phantom_root, tmp_path
+):
+    from training import models
+
+    run_id = localiser.train_localiser(_mobilenet_cfg([phantom_root / "annotations.csv"]))
+    run = MlflowClient(settings.tracking_uri()).get_run(run_id)
+    assert run.data.params["encoder"] == "mobilenetv2" and run.data.params["weights"] == "none"
+    assert run.info.run_name == "localiser-mobilenetv264"
+    card = localiser.export_run(run_id, tmp_path)
+    assert card["architecture"]["encoder"] == "mobilenetv2" and "pretrained" not in card
+    assert card["architecture"]["name"] == "U-Net, MobileNetV2 encoder"
+    assert card["parity"]["passed"], card["parity"]
+    sess = ort.InferenceSession(
+        str(tmp_path / "localiser.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (mask,) = sess.run(None, {"image": np.full((2, 64, 64, 3), 90, np.uint8)})
+    assert mask.shape == (2, 64, 64) and 0 <= mask.min() and mask.max() <= 1
+    with pytest.raises(ValueError, match="pretrained MobileNetV2"):
+        models.unet_backbone(64, str(tmp_path / "localiser.keras"))
+
+
+@pytest.mark.shared_data
+def test_mobilenetv2_localiser_logs_its_imagenet_weights(home, thyroid_seed, tmp_path):
+    from tests.test_weights import MOBILENET_V2, _pretrained
+
+    weights = _pretrained(MOBILENET_V2[0])
+    run_id = localiser.train_localiser(
+        _mobilenet_cfg([thyroid_seed / "ddti-annotations.csv"], weights=str(weights), epochs=1)
+    )
+    card = localiser.export_run(run_id, tmp_path)
+    pretrained = card["pretrained"]
+    assert pretrained["weights_sha256"] == sha256_file(weights)
+    assert pretrained["weights_format"] == "tflite"
+    # 64 px frames resized up to the file's 224 px: further from its calibration than
+    # test_weights' 224 px frames (measured 0.96 here, 0.985 there)
+    assert pretrained["parity"]["weights_parity_pooled_cosine_min"] > 0.9, pretrained
+    run = MlflowClient(settings.tracking_uri()).get_run(run_id)
+    params, metrics = run.data.params, run.data.metrics
+    assert metrics["weights_parity_pooled_cosine_min"] == pytest.approx(
+        pretrained["parity"]["weights_parity_pooled_cosine_min"]
+    )
+    assert params["weights"] == str(weights) and params["weights_source"] == "file"

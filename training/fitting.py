@@ -6,6 +6,9 @@ import keras
 import mlflow
 import numpy as np
 
+from thyroid_cad.files import sha256_file
+from training import models
+from training import weights as weight_files
 from training.data import Dataset
 
 
@@ -35,3 +38,24 @@ def subsample(dataset: Dataset, max_images: int | None, seed: int) -> Dataset:
         n = max(1, round(max_images * len(idx) / len(labels)))
         keep += rng.choice(idx, size=min(n, len(idx)), replace=False).tolist()
     return dataset.subset(sorted(keep))
+
+
+def log_weights(backbone: str, weights: str | None, images: np.ndarray) -> dict:
+    """Where the backbone's weights came from (path + sha256; 'imagenet': Keras'
+    cache) and, for an imported TFLite file, how closely the import reproduces it on
+    a few training images: logged, and returned for the model card."""
+    weights = models.resolve_weights(weights)
+    if weights is None:
+        return {}
+    if weights == "imagenet":
+        mlflow.log_params({"weights_source": "keras-imagenet"})
+        return {"weights": "imagenet (Keras' cache, md5-checked by Keras)"}
+    provenance = {
+        "weights_source": "file",
+        "weights_sha256": sha256_file(weights),
+        "weights_format": "tflite" if weight_files.is_tflite(weights) else "h5",
+    }
+    parity = models.import_parity(backbone, weights, images)
+    mlflow.log_params(provenance)
+    mlflow.log_metrics(parity)
+    return {"weights": weights, **provenance, **({"parity": parity} if parity else {})}

@@ -41,12 +41,14 @@ from training import export, models, pipeline, tracking
 from training.annotations import Annotation, read_annotations
 from training.audit import inspect_all
 from training.data import DataError, Dataset, Record
-from training.fitting import MlflowEpochLogger, subsample
+from training.fitting import MlflowEpochLogger, log_weights, subsample
 from training.roi import CARD_FILE, ONNX_FILE, OUTPUT_NAME
 from training.splits import grouped_split
-from training.unet import build_unet
+from training.unet import build_encoder_unet, build_unet
 
 log = logging.getLogger(__name__)
+
+ENCODERS = ("unet", "mobilenetv2")
 
 PARITY_TOLERANCE = 1e-4  # max abs difference of mask probabilities, onnxruntime vs Keras
 # Augmentation: crop side as a fraction of the frame (above 1 zooms out, padding black),
@@ -68,6 +70,11 @@ class LocaliserConfig:
     annotations: list[str]
     image_size: int = 128
     filters: tuple[int, ...] = (8, 16, 32, 64, 128)
+    # The down path: "unet" (this file's, from scratch) or "mobilenetv2" (the pretrained
+    # network, frozen, from `weights`: a local file or "imagenet"; filters then give the
+    # up path's widths at strides 1..16).
+    encoder: str = "unet"
+    weights: str | None = None
     epochs: int = 30
     batch_size: int = 16
     learning_rate: float = 2e-3
@@ -84,10 +91,20 @@ class LocaliserConfig:
     def validate(self) -> None:
         if not self.annotations:
             raise ValueError("the localiser needs at least one annotation file (--annotations)")
-        if self.image_size < 32 or self.image_size % 2 ** (len(self.filters) - 1):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {ENCODERS}")
+        if self.encoder == "unet" and self.weights is not None:
+            raise ValueError("the unet encoder trains from scratch; weights go with mobilenetv2")
+        if self.encoder == "mobilenetv2" and len(self.filters) != len(models.MOBILENETV2_TAPS):
             raise ValueError(
-                f"image size must be >= 32 and divisible by {2 ** (len(self.filters) - 1)} "
-                f"({len(self.filters)} U-Net levels), got {self.image_size}"
+                f"the mobilenetv2 encoder needs {len(models.MOBILENETV2_TAPS)} up-path widths "
+                f"(strides 1..16), got {len(self.filters)}"
+            )
+        stride = self.stride
+        if self.image_size < 32 or self.image_size % stride:
+            raise ValueError(
+                f"image size must be >= 32 and divisible by {stride} "
+                f"(the {self.encoder} encoder's deepest stride), got {self.image_size}"
             )
         if len(self.filters) < 2 or any(f < 1 for f in self.filters):
             raise ValueError(f"filters must be at least two positive counts, got {self.filters}")
@@ -95,6 +112,21 @@ class LocaliserConfig:
             raise ValueError("epochs must be at least 1")
         if not 0 < self.threshold < 1:
             raise ValueError("threshold must be between 0 and 1")
+
+    @property
+    def stride(self) -> int:
+        """How far the encoder's deepest map is downsampled."""
+        return 32 if self.encoder == "mobilenetv2" else 2 ** (len(self.filters) - 1)
+
+
+def build_localiser(cfg: LocaliserConfig) -> keras.Model:
+    """The network cfg describes: the compact U-Net, or the U-Net on a frozen ImageNet
+    MobileNetV2 (its batch-norm statistics kept; only the up path learns)."""
+    if cfg.encoder == "unet":
+        return build_unet(cfg.image_size, tuple(cfg.filters))
+    encoder = models.mobilenetv2_layers(cfg.image_size, cfg.weights, models.MOBILENETV2_TAPS)
+    encoder.trainable = False
+    return build_encoder_unet(encoder, cfg.image_size, tuple(cfg.filters))
 
 
 # --------------------------------------------------------------------------- #
@@ -392,9 +424,12 @@ def train_localiser(cfg: LocaliserConfig) -> str:
     prepared_s = time.monotonic() - started
 
     tracking.setup(cfg.experiment)
-    with mlflow.start_run(run_name=cfg.run_name or f"localiser-unet{cfg.image_size}") as run:
+    with mlflow.start_run(
+        run_name=cfg.run_name or f"localiser-{cfg.encoder}{cfg.image_size}"
+    ) as run:
         params = {k: v for k, v in asdict(cfg).items() if k not in ("experiment", "run_name")}
         params["annotations"] = ",".join(cfg.annotations)
+        params["weights"] = cfg.weights or "none"
         mlflow.log_params(
             {
                 **params,
@@ -407,7 +442,8 @@ def train_localiser(cfg: LocaliserConfig) -> str:
             }
         )
         mlflow.set_tags({"kind": "localiser"})
-        model = build_unet(cfg.image_size, tuple(cfg.filters))
+        model = build_localiser(cfg)
+        pretrained = log_weights(cfg.encoder, cfg.weights, arrays[idx["train"][:8], ..., :3])
         model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=dice_bce_loss)
         history: dict[str, list[float]] = {}
         ds = {
@@ -463,10 +499,12 @@ def train_localiser(cfg: LocaliserConfig) -> str:
             mlflow.log_artifacts(str(model_dir), "model")
             card_extra = {
                 "architecture": {
-                    "name": "U-Net",
+                    "name": "U-Net" if cfg.encoder == "unet" else "U-Net, MobileNetV2 encoder",
+                    "encoder": cfg.encoder,
                     "filters": list(cfg.filters),
                     "parameters": int(model.count_params()),
                 },
+                **({"pretrained": pretrained} if pretrained else {}),
                 "threshold": cfg.threshold,
                 "training_data": {
                     "sources": dict(Counter(sources)),

@@ -157,6 +157,11 @@ def unet_backbone(image_size: int, weights: str | None) -> keras.Model:
         if weights == "imagenet":
             raise ValueError("the unet backbone has no ImageNet weights; pass a localiser")
         trained = keras.saving.load_model(weights, compile=False)
+        if any(layer.name == "encoder" for layer in trained.layers):
+            raise ValueError(
+                f"{weights} is a localiser on a pretrained MobileNetV2: train the classifier "
+                "with --backbone mobilenetv2 and that network's ImageNet weights"
+            )
         try:  # the trained localiser's own widths, level by level
             levels = sorted(
                 (int(layer.name[4:-6]), layer.filters)
@@ -171,6 +176,29 @@ def unet_backbone(image_size: int, weights: str | None) -> keras.Model:
         except ValueError as e:
             raise ValueError(f"{weights} is not a nodule localiser's Keras model: {e}") from e
     return keras.Model(unet.input, unet.get_layer(UNET_FEATURES).output, name="backbone")
+
+
+# MobileNetV2 feature maps a U-Net's up path joins, at strides 2, 4, 8, 16 and 32: the
+# expansion ReLUs before each strided block, and the last block (the segmentation
+# convention of Sandler et al. 2018 and TensorFlow's pix2pix example).
+MOBILENETV2_TAPS = (
+    "block_1_expand_relu",
+    "block_3_expand_relu",
+    "block_6_expand_relu",
+    "block_13_expand_relu",
+    "block_16_project",
+)
+
+
+def mobilenetv2_layers(image_size: int, weights: str | None, names: tuple[str, ...]) -> keras.Model:
+    """The mobilenetv2 backbone (weights imported as for training) with the outputs of
+    its layers `names`: raw 0..255 RGB in, one feature map per name out."""
+    backbone = build_backbone("mobilenetv2", image_size, weights)
+    app = next(layer for layer in backbone.layers if isinstance(layer, keras.Model))
+    inputs = keras.Input((image_size, image_size, 3))
+    x = backbone.get_layer("mobilenet_preprocess")(inputs)
+    outs = keras.Model(app.input, [app.get_layer(n).output for n in names], name=app.name)(x)
+    return keras.Model(inputs, outs, name="encoder")
 
 
 def resolve_weights(weights: str | None) -> str | None:

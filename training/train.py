@@ -31,7 +31,6 @@ from thyroid_cad.files import sha256_file
 from thyroid_cad.imaging import PREPROCESSING_VERSION, ROI_MARGIN
 from training import descriptors as desc
 from training import evaluate, loso, models, optim, pipeline, roi, sources, tracking, tta
-from training import weights as weight_files
 from training.audit import inspect_all
 from training.choices import (
     BACKBONES,
@@ -43,7 +42,7 @@ from training.choices import (
     TTA_MODES,
 )
 from training.data import Dataset, scan
-from training.fitting import MlflowEpochLogger, subsample
+from training.fitting import MlflowEpochLogger, log_weights, subsample
 from training.splits import grouped_split
 
 log = logging.getLogger(__name__)
@@ -347,7 +346,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             bn_frozen=cfg.pretrained,
             descriptors=desc.head_sizes() if descriptor_codes else None,
         )
-        pretrained = _log_weights(cfg, x["train"][:PARITY_IMAGES])
+        pretrained = log_weights(cfg.backbone, cfg.weights, x["train"][:PARITY_IMAGES])
         if cfg.init_from:
             source = _load_run_model(cfg.init_from)
             models.copy_backbone(source, model)
@@ -536,27 +535,6 @@ def _pooled_features(model, cfg: TrainConfig, images: np.ndarray, rows: dict) ->
     else:
         every = compute(images)
     return {s: every[r] for s, r in rows.items()}
-
-
-def _log_weights(cfg: TrainConfig, images: np.ndarray) -> dict:
-    """Where the backbone's weights came from (path + sha256; 'imagenet': Keras'
-    cache) and, for an imported TFLite file, how closely the import reproduces it on
-    a few training images: logged, and returned for the model card."""
-    weights = models.resolve_weights(cfg.weights)
-    if weights is None:
-        return {}
-    if weights == "imagenet":
-        mlflow.log_params({"weights_source": "keras-imagenet"})
-        return {"weights": "imagenet (Keras' cache, md5-checked by Keras)"}
-    provenance = {
-        "weights_source": "file",
-        "weights_sha256": sha256_file(weights),
-        "weights_format": "tflite" if weight_files.is_tflite(weights) else "h5",
-    }
-    parity = models.import_parity(cfg.backbone, weights, images)
-    mlflow.log_params(provenance)
-    mlflow.log_metrics(parity)
-    return {"weights": weights, **provenance, **({"parity": parity} if parity else {})}
 
 
 def _load_run_model(run_id: str) -> keras.Model:

@@ -40,3 +40,31 @@ def build_unet(image_size: int = 128, filters: tuple[int, ...] = (8, 16, 32, 64,
     x = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="logits")(x)
     mask = layers.Reshape((image_size, image_size), name=OUTPUT_NAME)(x)
     return keras.Model(inputs, mask, name="localiser")
+
+
+def build_encoder_unet(encoder: keras.Model, image_size: int, filters: tuple[int, ...]):
+    """A U-Net whose down path is a pretrained network (Ronneberger et al.'s up path on,
+    say, ImageNet MobileNetV2: training.models.mobilenetv2_layers with MOBILENETV2_TAPS).
+
+    `encoder` maps raw 0..255 RGB (its own normalization inside) to feature maps at
+    strides 2, 4, ... 2**K, the last one the bottleneck; it runs in inference mode, so
+    its batch-norm statistics stay the pretrained ones. `filters` gives the up path's
+    width at strides 1, 2, ... 2**(K-1) (K entries); the last level upsamples to the
+    input without a skip.
+    """
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    *skips, x = encoder(inputs, training=False)
+    if len(filters) != len(skips) + 1:
+        raise ValueError(
+            f"an encoder with {len(skips) + 1} feature maps needs {len(skips) + 1} up-path "
+            f"widths, got {len(filters)}"
+        )
+    for level in reversed(range(len(skips))):
+        x = layers.UpSampling2D(interpolation="bilinear", name=f"up{level + 1}_resize")(x)
+        x = layers.Concatenate(name=f"up{level + 1}_concat")([x, skips[level]])
+        x = _conv_block(x, filters[level + 1], f"up{level + 1}")
+    x = layers.UpSampling2D(interpolation="bilinear", name="up0_resize")(x)
+    x = _conv_block(x, filters[0], "up0")
+    x = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="logits")(x)
+    mask = layers.Reshape((image_size, image_size), name=OUTPUT_NAME)(x)
+    return keras.Model(inputs, mask, name="localiser")
