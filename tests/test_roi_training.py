@@ -461,6 +461,43 @@ def test_encoder_choice_is_checked(kwargs, message):
         localiser.LocaliserConfig(**{"annotations": ["a.csv"], **kwargs}).validate()
 
 
+def _epochs(ds, n=2):
+    return [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(n)]
+
+
+def test_augmentation_is_the_same_every_run_and_new_every_epoch():
+    """Stateless draws per batch: tf.data's parallel calls cannot reorder them (the
+    phantom fixture's result used to vary with thread timing), yet epochs differ."""
+    rng = np.random.default_rng(0)
+    arrays = rng.integers(0, 255, (24, 32, 32, 4)).astype(np.uint8)
+    arrays[..., 3] = arrays[..., 3] > 128
+    first, again = (
+        _epochs(localiser.make_dataset(arrays, 8, True, True, seed=3)) for _ in range(2)
+    )
+    for a, b in zip(first, again, strict=True):
+        assert all(
+            np.array_equal(x1, x2) and np.array_equal(y1, y2)
+            for (x1, y1), (x2, y2) in zip(a, b, strict=True)
+        )
+    assert not np.array_equal(first[0][0][0], first[1][0][0])  # a new shuffle and new draws
+    other = _epochs(localiser.make_dataset(arrays, 8, True, True, seed=4), 1)
+    assert not np.array_equal(first[0][0][0], other[0][0][0])
+
+
+@pytest.mark.parametrize("encoder", ["unet", "mobilenetv2"])
+def test_the_mask_head_starts_at_the_foreground_prior(encoder, phantom_root):
+    from training.unet import FOREGROUND_PRIOR
+
+    if encoder == "unet":
+        cfg = localiser.LocaliserConfig(annotations=["a.csv"], image_size=64, filters=(4, 8))
+    else:
+        cfg = _mobilenet_cfg([phantom_root / "annotations.csv"])
+    model = localiser.build_localiser(cfg)
+    x = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3)).astype("float32")
+    mean = float(np.mean(model.predict(x, verbose=0)))
+    assert abs(mean - FOREGROUND_PRIOR) < 0.05, mean  # not 0.5: see training.unet
+
+
 def test_mobilenetv2_encoder_stays_frozen_while_the_up_path_learns(phantom_root):
     model = localiser.build_localiser(_mobilenet_cfg([phantom_root / "annotations.csv"]))
     encoder = model.get_layer("encoder")

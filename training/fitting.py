@@ -40,10 +40,14 @@ def subsample(dataset: Dataset, max_images: int | None, seed: int) -> Dataset:
     return dataset.subset(sorted(keep))
 
 
+# How many training images the TFLite import is compared on (log_weights).
+WEIGHT_PARITY_IMAGES = 8
+
+
 def log_weights(backbone: str, weights: str | None, images: np.ndarray) -> dict:
     """Where the backbone's weights came from (path + sha256; 'imagenet': Keras'
     cache) and, for an imported TFLite file, how closely the import reproduces it on
-    a few training images: logged, and returned for the model card."""
+    the first WEIGHT_PARITY_IMAGES of `images`: logged, and returned for the model card."""
     weights = models.resolve_weights(weights)
     if weights is None:
         return {}
@@ -55,7 +59,7 @@ def log_weights(backbone: str, weights: str | None, images: np.ndarray) -> dict:
         "weights_sha256": sha256_file(weights),
         "weights_format": "tflite" if weight_files.is_tflite(weights) else "h5",
     }
-    parity = models.import_parity(backbone, weights, images)
+    parity = models.import_parity(backbone, weights, images[:WEIGHT_PARITY_IMAGES])
     mlflow.log_params(provenance)
     mlflow.log_metrics(parity)
     return {"weights": weights, **provenance, **({"parity": parity} if parity else {})}

@@ -41,7 +41,7 @@ from training import export, models, pipeline, tracking
 from training.annotations import Annotation, read_annotations
 from training.audit import inspect_all
 from training.data import DataError, Dataset, Record
-from training.fitting import MlflowEpochLogger, log_weights, subsample
+from training.fitting import WEIGHT_PARITY_IMAGES, MlflowEpochLogger, log_weights, subsample
 from training.roi import CARD_FILE, ONNX_FILE, OUTPUT_NAME
 from training.splits import grouped_split
 from training.unet import build_encoder_unet, build_unet
@@ -207,13 +207,16 @@ def load_arrays(dataset: Dataset, anns: list[Annotation], size: int) -> np.ndarr
     return pipeline.cached("localiser", key, compute)
 
 
-def _augment(batch: tf.Tensor, size: int, seed: int) -> tuple[tf.Tensor, tf.Tensor]:
+def _augment(batch: tf.Tensor, seed: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
     """One random crop-and-resize per image (zoom in or out, left-right flip) applied to
-    frame and mask together, then brightness and contrast on the frame only."""
+    frame and mask together, then brightness and contrast on the frame only.
+
+    Stateless draws from the batch's own `seed`, so the same run augments the same way
+    whatever order tf.data's parallel calls happen to run in."""
     n = tf.shape(batch)[0]
 
     def uniform(lo, hi, offset):
-        return tf.random.uniform([n], lo, hi, seed=seed + offset)
+        return tf.random.stateless_uniform([n], tf.stack([seed, offset]), lo, hi)
 
     side = uniform(*CROP_RANGE, 1)
     top, left = uniform(0.0, 1.0, 2) * (1 - side), uniform(0.0, 1.0, 3) * (1 - side)
@@ -232,14 +235,18 @@ def _augment(batch: tf.Tensor, size: int, seed: int) -> tuple[tf.Tensor, tf.Tens
 def make_dataset(
     arrays: np.ndarray, batch_size: int, training: bool, augment: bool, seed: int
 ) -> tf.data.Dataset:
-    """Batches of (float32 0-255 frames, 0/1 masks), prefetched."""
+    """Batches of (float32 0-255 frames, 0/1 masks), prefetched. Shuffling and
+    augmentation follow `seed` alone (new draws each epoch, the same ones every run)."""
     size = arrays.shape[1]
     ds = tf.data.Dataset.from_tensor_slices(arrays)
     if training:
         ds = ds.shuffle(len(arrays), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda b: tf.cast(b, tf.float32))
     if training and augment:
-        ds = ds.map(lambda b: _augment(b, size, seed), num_parallel_calls=tf.data.AUTOTUNE)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, seeds).map(
+            lambda b, s: _augment(b, s, size), num_parallel_calls=tf.data.AUTOTUNE
+        )
     else:
         ds = ds.map(lambda b: (b[..., :3], b[..., 3]))
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -443,7 +450,8 @@ def train_localiser(cfg: LocaliserConfig) -> str:
         )
         mlflow.set_tags({"kind": "localiser"})
         model = build_localiser(cfg)
-        pretrained = log_weights(cfg.encoder, cfg.weights, arrays[idx["train"][:8], ..., :3])
+        sample = arrays[idx["train"][:WEIGHT_PARITY_IMAGES], ..., :3]  # copies those alone
+        pretrained = log_weights(cfg.encoder, cfg.weights, sample)
         model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=dice_bce_loss)
         history: dict[str, list[float]] = {}
         ds = {

@@ -48,8 +48,6 @@ from training.splits import grouped_split
 log = logging.getLogger(__name__)
 
 POSITIVE_CLASS = "malignant"
-# Training images on which an imported TFLite file's parity is measured.
-PARITY_IMAGES = 8
 # Temperatures outside this range are clipped (see where it is fitted).
 TEMPERATURE_RANGE = (0.25, 10.0)
 
@@ -346,7 +344,7 @@ def train(cfg: TrainConfig, parent_run_id: str | None = None, tags: dict | None 
             bn_frozen=cfg.pretrained,
             descriptors=desc.head_sizes() if descriptor_codes else None,
         )
-        pretrained = log_weights(cfg.backbone, cfg.weights, x["train"][:PARITY_IMAGES])
+        pretrained = log_weights(cfg.backbone, cfg.weights, x["train"])
         if cfg.init_from:
             source = _load_run_model(cfg.init_from)
             models.copy_backbone(source, model)

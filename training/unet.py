@@ -4,6 +4,8 @@ imports the other."""
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import layers
 
@@ -16,6 +18,31 @@ def _conv_block(x, filters: int, name: str):
         x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
+
+
+# The mask head's bias starts at this foreground fraction (nodules cover a few percent
+# of a frame), as Lin et al. 2017 (focal loss) start rare classes: the first steps then
+# learn where nodules are instead of spending themselves pushing 0.5 down everywhere,
+# which left some seeds' short runs stuck near an empty mask.
+FOREGROUND_PRIOR = 0.05
+
+
+def _up(x, skip, filters: int, name: str):
+    """One up step: double the resolution, join the skip connection (if any), convolve."""
+    x = layers.UpSampling2D(interpolation="bilinear", name=f"{name}_resize")(x)
+    if skip is not None:
+        x = layers.Concatenate(name=f"{name}_concat")([x, skip])
+    return _conv_block(x, filters, name)
+
+
+def _mask_model(inputs, x, image_size: int) -> keras.Model:
+    """The 1x1 sigmoid head (float32 under mixed precision) and the S x S mask output."""
+    bias = keras.initializers.Constant(math.log(FOREGROUND_PRIOR / (1 - FOREGROUND_PRIOR)))
+    x = layers.Conv2D(
+        1, 1, activation="sigmoid", bias_initializer=bias, dtype="float32", name="logits"
+    )(x)
+    mask = layers.Reshape((image_size, image_size), name=OUTPUT_NAME)(x)
+    return keras.Model(inputs, mask, name="localiser")
 
 
 def build_unet(image_size: int = 128, filters: tuple[int, ...] = (8, 16, 32, 64, 128)):
@@ -34,12 +61,8 @@ def build_unet(image_size: int = 128, filters: tuple[int, ...] = (8, 16, 32, 64,
         x = layers.MaxPooling2D(name=f"down{level}_pool")(x)
     x = _conv_block(x, filters[-1], "bottleneck")
     for level in reversed(range(len(filters) - 1)):
-        x = layers.UpSampling2D(interpolation="bilinear", name=f"up{level}_resize")(x)
-        x = layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
-        x = _conv_block(x, filters[level], f"up{level}")
-    x = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="logits")(x)
-    mask = layers.Reshape((image_size, image_size), name=OUTPUT_NAME)(x)
-    return keras.Model(inputs, mask, name="localiser")
+        x = _up(x, skips[level], filters[level], f"up{level}")
+    return _mask_model(inputs, x, image_size)
 
 
 def build_encoder_unet(encoder: keras.Model, image_size: int, filters: tuple[int, ...]):
@@ -60,11 +83,6 @@ def build_encoder_unet(encoder: keras.Model, image_size: int, filters: tuple[int
             f"widths, got {len(filters)}"
         )
     for level in reversed(range(len(skips))):
-        x = layers.UpSampling2D(interpolation="bilinear", name=f"up{level + 1}_resize")(x)
-        x = layers.Concatenate(name=f"up{level + 1}_concat")([x, skips[level]])
-        x = _conv_block(x, filters[level + 1], f"up{level + 1}")
-    x = layers.UpSampling2D(interpolation="bilinear", name="up0_resize")(x)
-    x = _conv_block(x, filters[0], "up0")
-    x = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="logits")(x)
-    mask = layers.Reshape((image_size, image_size), name=OUTPUT_NAME)(x)
-    return keras.Model(inputs, mask, name="localiser")
+        x = _up(x, skips[level], filters[level + 1], f"up{level + 1}")
+    x = _up(x, None, filters[0], "up0")
+    return _mask_model(inputs, x, image_size)
