@@ -73,3 +73,26 @@ def test_training_dataset_with_scanner_augmentation_yields_valid_batches():
     shapes = [(x.shape[0], y.shape, w.shape) for x, y, w in ds]
     assert [s[0] for s in shapes] == [8, 8, 4]
     assert all(s[1][1] == 2 and s[2][0] == s[0] for s in shapes)
+
+
+@pytest.mark.parametrize("scanner", [False, True])
+def test_augmentation_is_the_same_every_run_and_new_every_epoch(scanner):
+    """Per-batch stateless draws (pipeline.batch_seeds): tf.data's parallel calls cannot
+    reorder them, so a seed gives one run; each epoch still draws anew."""
+    images = np.random.default_rng(0).integers(0, 255, (24, 32, 32, 3)).astype(np.uint8)
+    labels = np.arange(24) % 2
+
+    def epochs(seed: int, n: int = 2) -> list[list[np.ndarray]]:
+        ds = pipeline.make_dataset(
+            images, labels, 2, batch_size=8, training=True, seed=seed, scanner_augment=scanner
+        )
+        return [[x.numpy() for x, _ in ds] for _ in range(n)]
+
+    first, again = epochs(3), epochs(3)
+    assert all(
+        np.array_equal(a, b)
+        for ea, eb in zip(first, again, strict=True)
+        for a, b in zip(ea, eb, strict=True)
+    )
+    assert not np.array_equal(first[0][0], first[1][0])
+    assert not np.array_equal(first[0][0], epochs(4, 1)[0][0])

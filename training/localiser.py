@@ -211,12 +211,11 @@ def _augment(batch: tf.Tensor, seed: tf.Tensor, size: int) -> tuple[tf.Tensor, t
     """One random crop-and-resize per image (zoom in or out, left-right flip) applied to
     frame and mask together, then brightness and contrast on the frame only.
 
-    Stateless draws from the batch's own `seed`, so the same run augments the same way
-    whatever order tf.data's parallel calls happen to run in."""
+    Every draw is a function of the batch's own `seed` (training.pipeline.batch_seeds)."""
     n = tf.shape(batch)[0]
 
     def uniform(lo, hi, offset):
-        return tf.random.stateless_uniform([n], tf.stack([seed, offset]), lo, hi)
+        return pipeline.draw(seed, offset, [n], lo, hi)
 
     side = uniform(*CROP_RANGE, 1)
     top, left = uniform(0.0, 1.0, 2) * (1 - side), uniform(0.0, 1.0, 3) * (1 - side)
@@ -243,8 +242,7 @@ def make_dataset(
         ds = ds.shuffle(len(arrays), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda b: tf.cast(b, tf.float32))
     if training and augment:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip(ds, seeds).map(
+        ds = pipeline.batch_seeds(ds, seed).map(
             lambda b, s: _augment(b, s, size), num_parallel_calls=tf.data.AUTOTUNE
         )
     else:

@@ -96,7 +96,24 @@ DOWNSCALE = 0.35  # resolution: down to this fraction of the side and back up, .
 DOWNSCALE_P = 0.5  # ... on about this share of the batches
 
 
-def augment_batch(images: tf.Tensor, seed: int, scanner: bool = False) -> tf.Tensor:
+def batch_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+    """`ds`'s batches, each paired with its own int64 seed: new seeds every epoch, the
+    same ones every run. Augmentations draw from these statelessly (`draw`), so their
+    results cannot depend on the order tf.data's parallel calls happen to run in (stateful
+    draws did: the same seed gave different runs)."""
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    return tf.data.Dataset.zip(ds, seeds)
+
+
+def draw(seed: tf.Tensor | int, offset: int, shape, lo=0.0, hi=1.0, normal=False) -> tf.Tensor:
+    """Uniform in [lo, hi) (or standard normal) of `shape`, a function of (seed, offset)."""
+    pair = tf.stack([tf.cast(seed, tf.int64), tf.constant(offset, tf.int64)])
+    if normal:
+        return tf.random.stateless_normal(shape, pair)
+    return tf.random.stateless_uniform(shape, pair, lo, hi)
+
+
+def augment_batch(images: tf.Tensor, seed: tf.Tensor | int, scanner: bool = False) -> tf.Tensor:
     """Ultrasound-sensible augmentation of a float32 batch (0-255), one warp per image.
 
     Left-right flips (lobes and probe orientation vary) but no vertical flip: depth runs
@@ -109,12 +126,14 @@ def augment_batch(images: tf.Tensor, seed: int, scanner: bool = False) -> tf.Ten
     warp), lower resolution (down- and up-sampling, on part of the batches),
     multiplicative speckle noise, a depth gain ramp (TGC), a grey-level curve (log
     compression) and wider brightness and contrast.
+
+    Every draw is a function of `seed` (a batch's own, from batch_seeds).
     """
     shape = tf.shape(images)
     n, h, w = shape[0], tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
 
     def uniform(lo, hi, offset):
-        return tf.random.uniform([n], lo, hi, seed=seed + offset)
+        return draw(seed, offset, [n], lo, hi)
 
     theta = uniform(-ROTATION, ROTATION, 1)
     inv_zoom = 1.0 / uniform(1.0 - ZOOM, 1.0 + ZOOM, 2)
@@ -154,7 +173,7 @@ def augment_batch(images: tf.Tensor, seed: int, scanner: bool = False) -> tf.Ten
     return tf.clip_by_value((warped - mean) * contrast + mean + brightness, 0.0, 255.0)
 
 
-def _scanner_effects(x: tf.Tensor, shape: tf.Tensor, n: tf.Tensor, seed: int) -> tf.Tensor:
+def _scanner_effects(x: tf.Tensor, shape: tf.Tensor, n: tf.Tensor, seed) -> tf.Tensor:
     """Resolution, speckle, depth gain and a grey-level curve on a float32 batch (0-255).
 
     Cheap by construction (docs/benchmarks.md): the resolution change is one resize pair
@@ -164,20 +183,18 @@ def _scanner_effects(x: tf.Tensor, shape: tf.Tensor, n: tf.Tensor, seed: int) ->
     size = shape[1:3]
 
     def per_image(lo, hi, offset):
-        return tf.reshape(tf.random.uniform([n], lo, hi, seed=seed + offset), [-1, 1, 1, 1])
+        return tf.reshape(draw(seed, offset, [n], lo, hi), [-1, 1, 1, 1])
 
     def lower_resolution():
-        factor = tf.random.uniform([], DOWNSCALE, 1.0, seed=seed + 21)
+        factor = draw(seed, 21, [], DOWNSCALE, 1.0)
         small = tf.maximum(tf.cast(tf.cast(size, tf.float32) * factor, tf.int32), 8)
         return tf.image.resize(tf.image.resize(x, small, method="area"), size)
 
-    x = tf.cond(tf.random.uniform([], seed=seed + 22) < DOWNSCALE_P, lower_resolution, lambda: x)
+    x = tf.cond(draw(seed, 22, []) < DOWNSCALE_P, lower_resolution, lambda: x)
     # Speckle (grey noise drawn at half resolution: correlated over ~2 px) and the depth
     # gain ramp (TGC), both multiplicative and before compression, as in a scanner.
     half = tf.maximum(size // 2, 1)
-    noise = tf.image.resize(
-        tf.random.normal(tf.stack([n, half[0], half[1], 1]), seed=seed + 23), size
-    )
+    noise = tf.image.resize(draw(seed, 23, tf.stack([n, half[0], half[1], 1]), normal=True), size)
     depth = tf.reshape(tf.linspace(-1.0, 1.0, size[0]), [1, -1, 1, 1])
     gain = tf.maximum(1.0 + per_image(0.0, SPECKLE, 24) * noise, 0.0) * (
         1.0 + per_image(-DEPTH_GAIN, DEPTH_GAIN, 26) * depth
@@ -237,8 +254,11 @@ def make_dataset(
     ds = ds.batch(batch_size)
     ds = ds.map(on_images(lambda im: tf.cast(im, tf.float32)), num_parallel_calls=tf.data.AUTOTUNE)
     if training and augment:
-        ds = ds.map(
-            on_images(lambda im: augment_batch(im, seed, scanner=scanner_augment)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+
+        def augment_one(batch, batch_seed):
+            return on_images(lambda im: augment_batch(im, batch_seed, scanner=scanner_augment))(
+                *(batch if len(parts) > 1 else (batch,))
+            )
+
+        ds = batch_seeds(ds, seed).map(augment_one, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
