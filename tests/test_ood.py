@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import shifts
+from scipy.stats import beta
 
 from thyroid_cad import imaging, metrics
 from training import ood, phantom
@@ -65,10 +67,26 @@ def test_export_has_ood_output_and_card(tiny_export):
     assert "ood_score" in card["outputs"]
 
 
+def _coverage_floor(block: dict, fresh: int) -> float:
+    """The least share of fresh in-distribution frames a sound threshold keeps inside.
+
+    The threshold is the empirical 95th percentile of `n` validation scores; the share
+    of the distribution below it is Beta(k, n + 1 - k), k = floor(0.95 (n + 1)) (order
+    statistics), whose mean is 0.93 for n = 60 but whose 0.5 % quantile is 0.83. Two
+    binomial standard deviations of the `fresh` sample come off that. (A fixed 0.85 on
+    60 frames failed a sound model on CI: 0.82, with 0.84-0.88 on 200 fresh frames.)
+    """
+    n, q = block["validation"]["n"], block["quantile"]
+    k = math.floor(q * (n + 1))
+    floor = float(beta.ppf(0.005, k, n + 1 - k))
+    return floor - 2 * math.sqrt(floor * (1 - floor) / fresh)
+
+
 def test_training_distribution_is_in_and_shifts_are_flagged(tiny_export):
-    threshold = json.loads((tiny_export / "model_card.json").read_text())["ood"]["threshold"]
-    inside = _scores(tiny_export, _phantom_frames(60, seed=101))
-    assert np.mean(inside <= threshold) >= 0.85
+    block = json.loads((tiny_export / "model_card.json").read_text())["ood"]
+    threshold = block["threshold"]
+    inside = _scores(tiny_export, _phantom_frames(200, seed=101))
+    assert np.mean(inside <= threshold) >= _coverage_floor(block, len(inside)) > 0.7
     for name, frames in _shifted_frames(20, seed=7).items():
         out = _scores(tiny_export, frames)
         y = np.r_[np.zeros(len(inside)), np.ones(len(out))]
