@@ -3,11 +3,13 @@
 A real served process (uvicorn in a subprocess, the tiny model, SQLite audit) takes /v1 and
 /v2 requests while another connection holds an exclusive lock on the audit database for
 longer than the busy timeout: liveness must keep answering at once, the requests must be
-answered, and every record must land once the lock is released.
+answered, and every record must land once the lock is released. And no per-request
+work sits on the loop: the frame checks and the check of a known key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -154,3 +156,80 @@ def test_a_locked_audit_database_blocks_no_probe_and_loses_no_record(process, se
         assert time.monotonic() < deadline, f"{len(wanted - stored)} records never landed"
         time.sleep(0.5)
     assert httpx.get(f"{base}/readyz", timeout=30).json()["audit_database"] is True
+
+
+def _on_loop() -> bool:
+    """Whether the caller runs on an event loop's thread (not in a worker thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _where_called(monkeypatch, module, name: str) -> list[bool]:
+    """Replace module.name by a spy; the list fills with _on_loop() of each call."""
+    calls: list[bool] = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(_on_loop())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_no_frame_check_runs_on_the_event_loop(served, monkeypatch):
+    """/v2 used to check every frame (modality + OOD verdicts, ~5 ms a frame) inside its
+    async handler: the whole loop waited for it. Both routes now run it in a thread."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.inference import safety
+
+    calls = _where_called(monkeypatch, safety, "of_outputs")
+    with TestClient(create_app(served.settings)) as client:
+        for i in range(4):
+            assert _send_client(client, served, i, _png(i)).status_code == 200
+    assert calls == [False] * 4, calls
+
+
+def test_a_verified_key_is_checked_without_a_thread(served, monkeypatch):
+    """Only a key not in the cache needs the database (in a thread); before, every
+    request took two thread hops for its key (the auth-first check and the scope)."""
+    from fastapi.testclient import TestClient
+
+    from service.api import deps
+    from service.api.app import create_app
+
+    calls = _where_called(monkeypatch, deps, "authorize")
+    with TestClient(create_app(served.settings)) as client:
+        assert _send_client(client, served, 0, _png(0)).status_code == 200
+        first = len(calls)
+        assert False in calls  # the first sight of the key: looked up off the loop
+        for i in range(1, 5):
+            assert _send_client(client, served, i, _png(i)).status_code == 200
+        assert calls[first:] and all(calls[first:]), calls
+        wrong = client.post(
+            f"/v2/models/{served.name}/infer",
+            json={"inputs": []},
+            headers={"Authorization": "Bearer not-a-key"},
+        )
+    assert wrong.status_code == 401  # an unknown key still reaches the store and fails
+    assert "invalid_api_key" in wrong.json()["error"]  # OIP errors: one message string
+
+
+def _send_client(client, served, i: int, data: bytes):
+    """_send through a TestClient (the app in this process)."""
+    auth = {"Authorization": f"Bearer {served.predict_key}"}
+    if i % 2:
+        return client.post(
+            "/v1/predict",
+            params={"heatmap": "none"},
+            files={"file": ("x.png", data, "image/png")},
+            headers=auth,
+        )
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1],
+              "data": [base64.b64encode(data).decode()]}  # fmt: skip
+    return client.post(f"/v2/models/{served.name}/infer", json={"inputs": [tensor]}, headers=auth)

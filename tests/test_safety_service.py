@@ -84,6 +84,35 @@ def test_modality_check_passes_ultrasound_and_catches_photos_documents_blank():
     assert "black" in modality.check(np.zeros((50, 60, 3), np.uint8)).reason
 
 
+def _measures_by_definition(frame: np.ndarray) -> tuple[float, float, float]:
+    """colour, bright and grey std as modality's docstring defines them, pixel by pixel
+    (what the vectorised check must reproduce)."""
+    px = frame.reshape(-1, frame.shape[2] if frame.ndim == 3 else 1).astype(float)
+    grey = px.mean(axis=1)
+    content = grey > modality.BACKGROUND_LEVEL
+    px, grey = px[content], grey[content]
+    spread = px.max(axis=1) - px.min(axis=1)
+    colour = float(np.mean(spread > modality.COLOUR_SPREAD))
+    return colour, float(np.mean(grey > modality.BRIGHT_LEVEL)), float(grey.std())
+
+
+@pytest.mark.parametrize("kind", ["ultrasound", "photo", "document", "grey 2-d", "noise"])
+def test_modality_measures_follow_their_definition(kind):
+    rng = np.random.default_rng(1)
+    frame = {
+        "ultrasound": lambda: phantom.make_image("malignant", rng),
+        "photo": lambda: shifts.colour_photo(rng),
+        "document": lambda: shifts.document(rng),
+        "grey 2-d": lambda: phantom.make_image("benign", rng)[:, :, 0],
+        "noise": lambda: rng.integers(0, 256, (300, 400, 3), dtype=np.uint8),
+    }[kind]()
+    assert frame.shape[0] * frame.shape[1] <= modality._MAX_PIXELS  # no subsampling here
+    verdict = modality.check(frame)
+    colour, bright, std = _measures_by_definition(frame)
+    assert verdict.colour_fraction == colour and verdict.bright_fraction == bright
+    assert verdict.grey_std == pytest.approx(std, rel=1e-9, abs=1e-9)
+
+
 # --------------------------------------------------------------------------- ood block
 
 

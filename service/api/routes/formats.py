@@ -63,7 +63,7 @@ def negotiate(requested: str | None, accept: str | None) -> str:
     return "json"
 
 
-def options(
+async def options(  # async: pure parsing, no reason for a thread hop
     result_format: Annotated[
         ResultFormat | None,
         Query(

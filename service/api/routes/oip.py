@@ -518,6 +518,14 @@ def _batch(
     raise ApiError(400, "invalid_datatype", "image must be UINT8 [N,S,S,3] or BYTES [N]")
 
 
+def _score(model: LoadedModel, batch: np.ndarray) -> tuple:
+    """The model's result, when it came, and the safety verdicts: one thread hop, so
+    neither the session nor the frame checks run on the event loop."""
+    result = model.infer(batch)
+    done = time.perf_counter()
+    return result, done, safety.of_outputs(model.card, result.outputs, list(batch))
+
+
 def _encode_outputs(header: dict, tensors: dict[str, np.ndarray]) -> tuple[list[dict], bytes]:
     """Output tensors as OIP JSON, or as binary data where the request asked for it."""
     asked = {o["name"]: o.get("parameters", {}) for o in header.get("outputs", [])}
@@ -633,8 +641,12 @@ async def infer_version(request: Request, key: PredictKey, name: str, version: V
 async def _infer(request: Request, key, name: str, version: str | None):
     async with Audited(request, "/v2/models/{name}/infer", key) as audited:
         with pixel_ticket(request) as ticket:  # held until the answer is built
-            # A version not loaded yet is loaded on first use: file and session work, off the loop.
-            model = await run_in_threadpool(_model, request, name, version)
+            # The served alias is in memory; a pinned version not loaded yet is loaded on
+            # first use: file and session work, off the loop.
+            if version is None:
+                model = _model(request, name, None)
+            else:
+                model = await run_in_threadpool(_model, request, name, version)
             audited.record.update(model_name=model.name, model_version=model.version)
             limits: Settings = request.app.state.settings
             header, blob = await _parse(request, 4 * limits.max_upload_bytes)
@@ -649,9 +661,7 @@ async def _infer(request: Request, key, name: str, version: str | None):
                 facts, image_height=int(batch.shape[1]), image_width=int(batch.shape[2])
             )
             t1 = time.perf_counter()
-            result = await run_in_threadpool(model.infer, batch)
-            t2 = time.perf_counter()
-            ood = safety.of_outputs(model.card, result.outputs, list(batch))
+            result, t2, ood = await run_in_threadpool(_score, model, batch)
             audited.record.update(safety.record(ood))
             if len(located) == 1 and located[0] is not None:
                 audited.record.update(safety.roi_record(located[0].roi))
