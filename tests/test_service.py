@@ -105,6 +105,17 @@ def test_heatmap_modes(client, served, mode):
         assert image.mode == ("L" if mode == "png" else "RGB") and image.size == (256, 256)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (37, 61), (1, 1, 3), (23, 41, 3)])
+def test_heatmap_png_decodes_to_the_exact_pixels(shape):
+    """The service writes its PNGs itself (Sub filter); any decoder reads them back exact."""
+    from service.inference import heatmaps
+
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    image = Image.open(io.BytesIO(base64.b64decode(heatmaps._png(pixels))))
+    assert image.mode == ("L" if len(shape) == 2 else "RGB")
+    assert np.array_equal(np.asarray(image), pixels)
+
+
 def test_unknown_class_for_heatmap_is_400(client, served):
     r = client.post(
         "/v1/predict?class=zebra",
