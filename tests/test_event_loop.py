@@ -68,21 +68,21 @@ def process(served, tmp_path):
         log.close()
 
 
-def _send(base: str, served, i: int, data: bytes) -> httpx.Response:
-    """Alternately a /v1 predict and a /v2 infer of a small PNG."""
+def _send(client: httpx.Client, served, i: int, data: bytes) -> httpx.Response:
+    """Alternately a /v1 predict and a /v2 infer of a small PNG, through `client` (an
+    httpx.Client on the served process, or a TestClient on an app in this one)."""
     auth = {"Authorization": f"Bearer {served.predict_key}"}
     if i % 2:
-        return httpx.post(
-            f"{base}/v1/predict",
+        return client.post(
+            "/v1/predict",
             params={"heatmap": "none"},
             files={"file": ("x.png", data, "image/png")},
             headers=auth,
-            timeout=60,
         )
     tensor = {"name": "image", "datatype": "BYTES", "shape": [1],
               "data": [base64.b64encode(data).decode()]}  # fmt: skip
     body = {"inputs": [tensor], "outputs": [{"name": "probabilities"}]}
-    return httpx.post(f"{base}/v2/models/{served.name}/infer", json=body, headers=auth, timeout=60)
+    return client.post(f"/v2/models/{served.name}/infer", json=body, headers=auth)
 
 
 def _stored_ids(path: Path) -> set[str]:
@@ -104,9 +104,10 @@ def _under_load(base: str, served, seconds: float) -> tuple[list[float], list[ht
     files = [_png(i) for i in range(8)]  # made now: the clients only send
 
     def client(i: int) -> None:
-        while not stop.is_set():
-            answers.append(_send(base, served, i, files[i % len(files)]))
-            i += 2
+        with httpx.Client(base_url=base, timeout=60) as http:
+            while not stop.is_set():
+                answers.append(_send(http, served, i, files[i % len(files)]))
+                i += 2
 
     clients = [threading.Thread(target=client, args=(k,)) for k in range(2)]
     for t in clients:
@@ -127,7 +128,8 @@ def _under_load(base: str, served, seconds: float) -> tuple[list[float], list[ht
 def test_a_locked_audit_database_blocks_no_probe_and_loses_no_record(process, served):
     base = process
     for i in range(4):  # warm: model, key cache, connections
-        assert _send(base, served, i, _png(i)).status_code == 200
+        with httpx.Client(base_url=base, timeout=60) as http:
+            assert _send(http, served, i, _png(i)).status_code == 200
     # The same load with the database free: what this (shared, busy) machine gives.
     free, _ = _under_load(base, served, 4.0)
 
@@ -191,7 +193,7 @@ def test_no_frame_check_runs_on_the_event_loop(served, monkeypatch):
     calls = _where_called(monkeypatch, safety, "of_outputs")
     with TestClient(create_app(served.settings)) as client:
         for i in range(4):
-            assert _send_client(client, served, i, _png(i)).status_code == 200
+            assert _send(client, served, i, _png(i)).status_code == 200
     assert calls == [False] * 4, calls
 
 
@@ -205,11 +207,11 @@ def test_a_verified_key_is_checked_without_a_thread(served, monkeypatch):
 
     calls = _where_called(monkeypatch, deps, "authorize")
     with TestClient(create_app(served.settings)) as client:
-        assert _send_client(client, served, 0, _png(0)).status_code == 200
+        assert _send(client, served, 0, _png(0)).status_code == 200
         first = len(calls)
         assert False in calls  # the first sight of the key: looked up off the loop
         for i in range(1, 5):
-            assert _send_client(client, served, i, _png(i)).status_code == 200
+            assert _send(client, served, i, _png(i)).status_code == 200
         assert calls[first:] and all(calls[first:]), calls
         wrong = client.post(
             f"/v2/models/{served.name}/infer",
@@ -218,18 +220,3 @@ def test_a_verified_key_is_checked_without_a_thread(served, monkeypatch):
         )
     assert wrong.status_code == 401  # an unknown key still reaches the store and fails
     assert "invalid_api_key" in wrong.json()["error"]  # OIP errors: one message string
-
-
-def _send_client(client, served, i: int, data: bytes):
-    """_send through a TestClient (the app in this process)."""
-    auth = {"Authorization": f"Bearer {served.predict_key}"}
-    if i % 2:
-        return client.post(
-            "/v1/predict",
-            params={"heatmap": "none"},
-            files={"file": ("x.png", data, "image/png")},
-            headers=auth,
-        )
-    tensor = {"name": "image", "datatype": "BYTES", "shape": [1],
-              "data": [base64.b64encode(data).decode()]}  # fmt: skip
-    return client.post(f"/v2/models/{served.name}/infer", json={"inputs": [tensor]}, headers=auth)
