@@ -20,8 +20,8 @@ from cli.common import (
 )
 from training import choices
 
-# `train` options that are not TrainConfig fields.
-_NOT_FIELDS = ("config", "progressive_via", "via_epochs", "via_max_images")
+# `train` options (and config-file keys) that are not TrainConfig fields.
+_NOT_FIELDS = ("config", "progressive_via", "via_epochs", "via_max_images", "members")
 
 
 def _plain(value):
@@ -202,7 +202,8 @@ def train(
         ),
     ] = None,
 ):
-    """Train one model and log it to MLflow; prints the run id last."""
+    """Train one model and log it to MLflow; prints the run id last. A --config file
+    with `members:` trains an ensemble's members under one parent run (export the parent)."""
     check_path(data, "dataset folder")
     check_path(config, "configuration")
     check_path(manifest, "manifest")
@@ -210,18 +211,22 @@ def train(
     check_path(progressive_via, "intermediate dataset")
     check_path(None if weights in ("imagenet", "none", "") else weights, "weights file")
     start_tensorflow()
-    from training.train import TrainConfig, train_progressive
+    from training.train import TrainConfig, train_members, train_progressive
     from training.train import train as run
 
     with user_errors():
         values = _options(ctx, config)
         if not values.get("data"):
             raise ValueError("no dataset: give --data ROOT or `data:` in the --config file")
-        via, via_epochs, via_max_images = (values.pop(k, None) for k in _NOT_FIELDS[1:])
+        via, via_epochs, via_max_images, members = (values.pop(k, None) for k in _NOT_FIELDS[1:])
+        if via and members:
+            raise ValueError("progressive_via and members cannot be combined")
         cfg = TrainConfig(**{k: v for k, v in values.items() if k not in _NOT_FIELDS})
     with user_errors(), progress_hidden():
         if via:
             run_id = train_progressive(cfg, via, via_epochs, None, via_max_images)
+        elif members:
+            run_id = train_members(cfg, members)
         else:
             run_id = run(cfg)
     typer.echo(run_id)

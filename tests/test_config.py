@@ -34,6 +34,11 @@ def test_paths_are_relative_to_the_file_and_types_are_checked(tmp_path):
         ("data: x\nroi: off\n", "roi must be str, got False (YAML reads off"),
         ("- data\n", "expected a mapping"),
         ("data: [\n", "not valid YAML"),
+        ("data: x\nmembers: [{backbone: tiny}]\n", "members must be a list of at least two"),
+        ("data: x\nmembers: [{backbone: tiny}, 3]\n", "members[1]: expected a mapping"),
+        ("data: x\nmembers: [{backbone: tiny}, {seed: 1}]\n", "members[1]: 'seed' is shared"),
+        ("data: x\nmembers: [{backbone: tiny}, {epoch: 1}]\n", "members[1]: unknown key 'epoch'"),
+        ("data: x\nmembers: [{epochs: x}, {epochs: 1}]\n", "members[0]: epochs must be int"),
     ],
 )
 def test_bad_files_are_refused_naming_the_key(tmp_path, text, message):
@@ -43,11 +48,33 @@ def test_bad_files_are_refused_naming_the_key(tmp_path, text, message):
         load_train_config(path)
 
 
+def test_an_ensemble_file_resolves_each_members_paths(tmp_path):
+    path = tmp_path / "conf" / "e.yaml"
+    path.parent.mkdir()
+    path.write_text(
+        "data: ../data\nloso: true\nmembers:\n"
+        "  - {backbone: mobilenetv2, weights: w/m.tflite, classifier_c: 0.001}\n"
+        "  - {backbone: tiny, weights: none}\n"
+    )
+    got = load_train_config(path)
+    assert got["members"] == [
+        {
+            "backbone": "mobilenetv2",
+            "weights": str((path.parent / "w" / "m.tflite").resolve()),
+            "classifier_c": 0.001,
+        },
+        {"backbone": "tiny", "weights": "none"},
+    ]
+
+
 @pytest.mark.shared_data
 def test_the_shipped_best_configuration_is_valid():
     values = load_train_config(ROOT / "configs" / "best.yaml")
-    if not Path(values["weights"]).is_file():
-        pytest.skip(f"pretrained weights not available: {values['weights']} is absent")
-    TrainConfig(**values).validate()
-    assert values["backbone"] == "mobilenetv2" and values["loso"] is True
-    assert values["weights"].endswith(".tflite") and values["classifier"] == "logreg"
+    members = values.pop("members")
+    for member in members:
+        if not Path(member["weights"]).is_file():
+            pytest.skip(f"pretrained weights not available: {member['weights']} is absent")
+        TrainConfig(**{**values, **member}).validate()
+    assert [m["backbone"] for m in members] == ["mobilenetv2", "squeezenet"]
+    assert values["loso"] is True and values["classifier"] == "logreg"
+    assert members[0]["weights"].endswith(".tflite")

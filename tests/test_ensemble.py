@@ -230,3 +230,106 @@ def test_a_run_trained_with_tta_exports_the_same_views(store_env, second_run, tm
     assert card["ensemble"]["tta"] == "flips" and card["parity"]["passed"]
     assert card["metrics"]["test"]["auc"] == pytest.approx(run.data.metrics["test_auc"], abs=1e-3)
     assert card["threshold"] == pytest.approx(run.data.metrics["val_threshold"], abs=1e-3)
+
+
+def _stand_in(name: str, tags: dict, holdout: dict | None = None) -> str:
+    """An MLflow run that leads to a trained one (tag thyroid_run), as a progressive
+    parent does, with other tags and a fold's holdout.json where given."""
+    import mlflow
+
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.set_tags(tags)
+        if holdout is not None:
+            mlflow.log_dict(holdout, "holdout.json")
+    return run.info.run_id
+
+
+def test_an_ensemble_of_runs_with_folds_reports_its_own_loso(
+    store_env, tiny_run, second_run, phantom_root, tmp_path
+):
+    """Members trained with --loso: the export combines each source's fold models as it
+    combines the members and scores them on that fold's held-out images. The phantom
+    has one source, so stand-in runs lead to the two trained models and carry fold tags
+    and holdout files (sources 'a' and 'b', different held-out images)."""
+    import mlflow
+    from sklearn.metrics import roc_auc_score
+
+    from thyroid_cad import imaging
+
+    mlflow.set_experiment("tests")
+    split = json.loads(
+        open(
+            mlflow.artifacts.download_artifacts(
+                run_id=tiny_run, artifact_path="split.json", dst_path=str(tmp_path / "s")
+            )
+        ).read()
+    )
+    train = sorted(r for r, side in split["assignment"].items() if side == "train")
+    held = {"a": train[0::7][:40], "b": train[3::7][:40]}
+    members = []
+    for model_run in (tiny_run, second_run):
+        folds = {
+            f"loso_run_{s}": _stand_in(
+                f"fold-{s}", {"thyroid_run": model_run}, {"train": [], "val": [], "test": rels}
+            )
+            for s, rels in held.items()
+        }
+        members.append(_stand_in("member", {"thyroid_run": model_run, **folds}))
+    card = ensemble.export_combined(members, tmp_path / "e", tta="none")
+    loso = card["source_robustness"]["loso"]
+    nets = [_run_model(r) for r in (tiny_run, second_run)]
+    for s, rels in held.items():
+        images = np.stack([imaging.load_prepared(phantom_root / r, 64) for r in rels])
+        probs = np.mean([np.asarray(n(images.astype("float32"))[:, 1]) for n in nets], axis=0)
+        y = [r.startswith("malignant") for r in rels]
+        assert 0 < sum(y) < len(y)  # both classes held out
+        assert loso[s]["auc"] == pytest.approx(roc_auc_score(y, probs), abs=1e-6)
+        assert loso[s]["ci_low"] <= loso[s]["auc"] <= loso[s]["ci_high"] and loso[s]["n"] == len(rels)
+    assert card["source_robustness"]["loso_auc_min"] == min(v["auc"] for v in loso.values())
+    # members without the same folds: no LOSO claimed for the combination
+    card = ensemble.export_combined([members[0], second_run], tmp_path / "f", tta="none")
+    assert card["source_robustness"]["loso"] is None
+
+
+def test_train_with_members_trains_an_ensemble_that_exports_as_one(
+    store_env, phantom_root, tmp_path
+):
+    """`members:` in a --config file: one parent run with a child per member; export of
+    the parent is the ensemble of its members."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    config = tmp_path / "members.yaml"
+    config.write_text(
+        f"data: {phantom_root}\nexperiment: tests\nimage_size: 64\nbatch_size: 16\n"
+        "max_images: 120\nmembers:\n  - {backbone: tiny, epochs: 2}\n"
+        "  - {backbone: tiny, epochs: 1, classifier: logreg, strategy: frozen}\n"
+    )
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--config", str(config)])
+    assert r.exit_code == 0, r.output
+    parent = r.output.strip().splitlines()[-1]
+    run = mlflow.get_run(parent)
+    ids = run.data.tags[ensemble.MEMBERS_TAG].split(",")
+    assert len(ids) == 2 and json.loads(run.data.params["members"])[1]["classifier"] == "logreg"
+    children = [mlflow.get_run(i).data for i in ids]
+    assert [c.params["classifier"] for c in children] == ["softmax", "logreg"]
+    assert {c.tags["mlflow.parentRunId"] for c in children} == {parent}
+    assert len({c.params["max_images"] for c in children}) == 1  # one split for both
+    r = runner.invoke(app, ["export", parent, "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert [m["run_id"] for m in card["ensemble"]["members"]] == ids
+    assert card["parity"]["passed"]
+    # one member is not an ensemble; a progressive run cannot also have members
+    config.write_text(f"data: {phantom_root}\nmembers: [{{epochs: 1}}]\n")
+    r = runner.invoke(app, ["train", "--config", str(config)])
+    assert r.exit_code != 0 and "at least two mappings" in r.output
+    config.write_text(
+        f"data: {phantom_root}\nprogressive_via: {phantom_root}\n"
+        "members: [{epochs: 1}, {epochs: 2}]\n"
+    )
+    r = runner.invoke(app, ["train", "--config", str(config)])
+    assert r.exit_code != 0 and "cannot be combined" in r.output and "Traceback" not in r.output

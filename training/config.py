@@ -2,9 +2,11 @@
 
 A training configuration is a mapping of TrainConfig fields (training.train), plus
 the progressive-transfer options of `thyroid-cad train` (``progressive_via``,
-``via_epochs``, ``via_max_images``). Relative paths (``data``, ``manifest``,
-``progressive_via``, a ``weights`` file) are relative to the file. Unknown keys and
-values of the wrong type are errors that name the key.
+``via_epochs``, ``via_max_images``) or ``members``: a list of mappings, one per member
+of an ensemble, each holding the TrainConfig fields in which that member differs from
+the rest of the file (training.train.train_members). Relative paths (``data``,
+``manifest``, ``progressive_via``, a ``weights`` file, in members too) are relative to
+the file. Unknown keys and values of the wrong type are errors that name the key.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import yaml
 
 from training.train import TrainConfig
 
-TRAIN_EXTRA_KEYS = ("progressive_via", "via_epochs", "via_max_images")
+TRAIN_EXTRA_KEYS = ("progressive_via", "via_epochs", "via_max_images", "members")
+# What every member of an ensemble shares: its split (so the test images are unseen by
+# all) and its input size (one graph input).
+SHARED_BY_MEMBERS = ("data", "manifest", "seed", "max_images", "image_size", "experiment")
 PATH_KEYS = ("data", "manifest", "progressive_via", "annotations")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
@@ -95,8 +100,37 @@ def load_train_config(path: str | Path) -> dict:
             + f"; allowed: {sorted(allowed)}"
         )
     check_types(raw, str(path))
+    if "members" in raw:
+        raw["members"] = _members(raw["members"], path)
     for key in ("via_epochs", "via_max_images"):
         value = raw.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{path}: {key} must be an integer, got {value!r}")
     return resolve_paths(raw, path.parent)
+
+
+def _members(members, path: Path) -> list[dict]:
+    """The `members:` list of an ensemble configuration, each member checked like the
+    file's own keys and its paths resolved.
+
+    Raises:
+        ValueError: not a list of at least two mappings, or a member key that is unknown,
+            of the wrong type, or one the members must share (SHARED_BY_MEMBERS).
+    """
+    if not isinstance(members, list) or len(members) < 2:
+        raise ValueError(f"{path}: members must be a list of at least two mappings")
+    allowed = {f.name for f in fields(TrainConfig)} - set(SHARED_BY_MEMBERS)
+    out = []
+    for i, member in enumerate(members):
+        where = f"{path}: members[{i}]"
+        if not isinstance(member, dict):
+            raise ValueError(f"{where}: expected a mapping of option: value, got {member!r}")
+        shared = sorted(set(member) & set(SHARED_BY_MEMBERS))
+        if shared:
+            raise ValueError(f"{where}: {shared[0]!r} is shared by all members; set it once")
+        unknown = sorted(set(member) - allowed)
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r}; allowed: {sorted(allowed)}")
+        check_types(member, where)
+        out.append(resolve_paths(member, path.parent))
+    return out

@@ -51,6 +51,7 @@ from training import data as data_mod
 from training import evaluate, export, models, ood, roi, sources, tracking
 from training.audit import inspect_all
 from training.choices import HEAD_CLASSIFIERS, TTA_MODES
+from training.train import MEMBERS_TAG
 from training.tta import HEATMAP_VIEWS, VIEWS, View
 
 log = logging.getLogger(__name__)
@@ -167,22 +168,46 @@ def serving_model(members: list[Member], weights: list[float], tta: str) -> kera
 # --------------------------------------------------------------------------- members
 
 
-def fold_runs(run_id: str) -> list[str]:
-    """The leave-one-source-out fold runs of a run (its `loso_run_<source>` tags)."""
-    run_id = export.model_run(run_id)
+def fold_map(run_id: str) -> dict[str, str]:
+    """{held-out source: fold run} of a run trained with --loso (its `loso_run_<source>`
+    tags; on a progressive or sweep parent, those of the run it leads to). {} if none."""
     tags = mlflow.get_run(run_id).data.tags
-    folds = [tags[k] for k in sorted(tags) if k.startswith("loso_run_")]
+    folds = {k.removeprefix("loso_run_"): v for k, v in tags.items() if k.startswith("loso_run_")}
+    if folds:
+        return folds
+    for key in ("thyroid_run", "best_run"):
+        if key in tags:
+            return fold_map(tags[key])
+    return {}
+
+
+def fold_runs(run_id: str) -> list[str]:
+    """The leave-one-source-out fold runs of a run, by source."""
+    folds = fold_map(run_id)
     if not folds:
         raise ValueError(
-            f"run {run_id} has no leave-one-source-out folds: train it with --loso (and at "
-            "least two sources)"
+            f"run {export.model_run(run_id)} has no leave-one-source-out folds: train it with "
+            "--loso (and at least two sources)"
         )
-    return folds
+    return [folds[s] for s in sorted(folds)]
 
 
-def load_member(run_id: str, tmp: str) -> Member:
+def member_runs(run_ids: list[str]) -> list[str]:
+    """run_ids with every ensemble parent (training.train.train_members) replaced by its
+    member runs."""
+    out = []
+    for run_id in run_ids:
+        try:
+            tag = mlflow.get_run(run_id).data.tags.get(MEMBERS_TAG)
+        except Exception:  # MlflowException: no such run; load_member says so clearly
+            tag = None
+        out += tag.split(",") if tag else [run_id]
+    return out
+
+
+def load_member(run_id: str, tmp: str, with_ood: bool = True) -> Member:
     """A whole-frame run's model (softmax or logreg head), with its OOD reference where
-    its data is here."""
+    its data is here (and with_ood)."""
     try:
         source = export.model_run(run_id)
         run = mlflow.get_run(source)
@@ -203,7 +228,11 @@ def load_member(run_id: str, tmp: str) -> Member:
         )
     model = models.load(local / "model.keras")
     holdout = export._artifact(source, "holdout.json", f"{tmp}/{source}")
-    fitted = ood.reference_for_run(model, info, run.data.params, split_path, holdout, None)
+    fitted = (
+        ood.reference_for_run(model, info, run.data.params, split_path, holdout, None)
+        if with_ood
+        else None
+    )
     reference, val_images = fitted if fitted else (None, None)
     return Member(source, model, info, run.data.params, split_path, reference, val_images)
 
@@ -272,19 +301,70 @@ def _parity(session, wrapper: keras.Model, images: np.ndarray, size: int) -> dic
     return parity
 
 
-def _evaluate(session, first: Member) -> tuple[dict, float, np.ndarray | None]:
-    """(flat metrics like a training run's, threshold, validation OOD scores) of the
-    combined graph on the members' split: threshold on val, metrics on test."""
-    params, info = first.params, first.info
+def _labelled(params: dict) -> tuple[Path, data_mod.Dataset]:
+    """The members' dataset (root, scan), or a clear error where it is not here."""
     root = Path(params.get("data", ""))
-    sides = ood.run_sides(first.split_path, None)
-    if not root.is_dir() or not sides.get("val") or not sides.get("test"):
+    if not root.is_dir():
         raise ValueError(
             f"the members' data is not at {root}: the combined graph must be measured on "
             "its split's validation and test images before it can be registered"
         )
     manifest = params.get("manifest")
-    dataset = data_mod.scan(root, manifest if manifest not in (None, "", "None") else None)
+    return root, data_mod.scan(root, manifest if manifest not in (None, "", "None") else None)
+
+
+def _loso(folds: list[dict[str, str]], mix: list[float], tta: str, tmp: str) -> dict:
+    """Leave-one-source-out metrics of the combination (training.loso's loso_auc_<s>
+    keys): for every source that each member held out in a fold of its own, those fold
+    models combined as the members are (same weights and views) and scored on the
+    fold's held-out images (its holdout.json). {} unless all members have the same folds.
+    """
+    if not folds or not folds[0] or any(set(f) != set(folds[0]) for f in folds):
+        return {}
+    metrics: dict[str, float] = {}
+    for source in sorted(folds[0]):
+        runs = [f[source] for f in folds]
+        fold_members = [
+            load_member(r, f"{tmp}/loso-{source}-{i}", False) for i, r in enumerate(runs)
+        ]
+        _check_compatible(fold_members)
+        holdout = export._artifact(runs[0], "holdout.json", f"{tmp}/loso-{source}")
+        held = ood.run_sides(None, holdout).get("test", [])
+        root, dataset = _labelled(fold_members[0].params)
+        info = fold_members[0].info
+        names = list(info["class_names"])
+        label = {r.rel: names.index(r.label) for r in dataset.records}
+        images = ood.load_side(root, held, int(info["image_size"]), roi.read_rois(None))
+        graph = serving_model(fold_members, mix, tta)
+        probs = np.concatenate(
+            [
+                np.asarray(graph(images[i : i + 32])["probabilities"])
+                for i in range(0, len(held), 32)
+            ]
+        )
+        fold = evaluate.evaluate(
+            np.array([label[rel] for rel in held]),
+            probs,
+            names,
+            positive=info.get("positive_class", names[-1]),
+            seed=int(fold_members[0].params.get("seed", 0)),
+        )
+        metrics[f"loso_auc_{source}"] = fold["auc"]
+        metrics[f"loso_auc_{source}_ci_low"] = fold["auc_ci_low"]
+        metrics[f"loso_auc_{source}_ci_high"] = fold["auc_ci_high"]
+        metrics[f"loso_n_{source}"] = float(len(held))
+    return metrics
+
+
+def _evaluate(session, first: Member, loso: dict) -> tuple[dict, float, np.ndarray | None]:
+    """(flat metrics like a training run's, threshold, validation OOD scores) of the
+    combined graph on the members' split: threshold on val, metrics on test, and the
+    combination's leave-one-source-out metrics `loso` (from _loso) in the robust scores."""
+    params, info = first.params, first.info
+    root, dataset = _labelled(params)
+    sides = ood.run_sides(first.split_path, None)
+    if not sides.get("val") or not sides.get("test"):
+        raise ValueError(f"the members' split {first.split_path} has no validation or test images")
     where = {r.rel: i for i, r in enumerate(dataset.records)}
     idx = {
         s: [where[rel] for rel in sides.get(s, []) if rel in where]
@@ -336,6 +416,7 @@ def _evaluate(session, first: Member) -> tuple[dict, float, np.ndarray | None]:
     infos = inspect_all(dataset)
     src = sources.assign_sources(dataset, infos)
     metrics.update(sources.evaluation(infos, src, idx, y, probs, positive, seed))
+    metrics.update(loso)
     metrics.update(sources.robust_scores(metrics))
     return metrics, float(val["threshold"]), out["val"].get(ood.OUTPUT_NAME)
 
@@ -351,8 +432,10 @@ def export_runs(
     ensemble: str | None = None,
 ) -> dict:
     """What `thyroid-cad export` runs: a plain export (training.export.export_run) for one
-    run without TTA, else export_combined. tta None: the TTA the run was trained and
-    evaluated with (its `tta` parameter), else none."""
+    run without TTA, else export_combined (an ensemble parent stands for its members).
+    tta None: the TTA the run was trained and evaluated with (its `tta` parameter), else
+    none."""
+    run_ids = member_runs(run_ids)
     if tta is None:
         tta = _trained_tta(run_ids[0])
     if tta == "none" and len(run_ids) == 1 and ensemble is None and weights is None:
@@ -393,11 +476,18 @@ def export_combined(
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # the members' split files live here
         members = [load_member(r, f"{tmp}/{i}") for i, r in enumerate(run_ids)]
-        return _export_members(members, out_dir, tta, weights, ensemble)
+        folds = {} if ensemble == ENSEMBLE_FOLDS else [fold_map(r) for r in run_ids]
+        return _export_members(members, out_dir, tta, weights, ensemble, folds, tmp)
 
 
 def _export_members(
-    members: list[Member], out_dir: Path, tta: str, weights: list[float] | None, ensemble
+    members: list[Member],
+    out_dir: Path,
+    tta: str,
+    weights: list[float] | None,
+    ensemble,
+    folds: list[dict[str, str]],
+    tmp: str,
 ) -> dict:
     _check_compatible(members)
     mix = _normalised(weights, len(members))
@@ -421,7 +511,7 @@ def _export_members(
     )
     parity = _parity(session, wrapper, parity_images, size)
     parity["image_source"] = where
-    metrics, threshold, val_scores = _evaluate(session, first)
+    metrics, threshold, val_scores = _evaluate(session, first, _loso(folds, mix, tta, tmp))
 
     block = {
         "tta": tta,

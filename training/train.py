@@ -47,6 +47,9 @@ from training.splits import grouped_split
 
 log = logging.getLogger(__name__)
 
+# Tag of an ensemble parent run (train_members): its member runs, comma-separated.
+MEMBERS_TAG = "member_runs"
+
 POSITIVE_CLASS = "malignant"
 # Temperatures outside this range are clipped (see where it is fitted).
 TEMPERATURE_RANGE = (0.25, 10.0)
@@ -585,3 +588,30 @@ def train_progressive(
         summary = ("val_", "test_", "loso_", "robust_score")
         mlflow.log_metrics({m: v for m, v in final.items() if m.startswith(summary)})
         return parent.info.run_id
+
+
+def train_members(cfg: TrainConfig, members: list[dict]) -> str:
+    """An ensemble's members: a parent run with one child per member, each `cfg` with
+    that member's options (e.g. another backbone and its weights) on one split.
+
+    `thyroid-cad export PARENT` exports the members as one graph (training.ensemble)
+    and measures the combination there: validation threshold, test metrics and, where
+    every member ran with --loso, the combined fold models on each held-out source.
+    Returns the parent run id; its tag MEMBERS_TAG lists the members.
+    """
+    if len(members) < 2:
+        raise ValueError(f"members: an ensemble needs at least two members, got {len(members)}")
+    configs = [replace(cfg, **m) for m in members]
+    for c in configs:
+        c.validate()
+    tracking.setup(cfg.experiment)
+    kinds = "+".join(c.backbone for c in configs)
+    with mlflow.start_run(run_name=cfg.run_name or f"members-{kinds}", tags={"kind": "members"}):
+        parent = mlflow.active_run().info.run_id
+        mlflow.log_params({"data": cfg.data, "seed": cfg.seed, "members": json.dumps(members)})
+        ids = []
+        for i, c in enumerate(configs):
+            log.info("ensemble member %d of %d: %s", i + 1, len(configs), members[i])
+            ids.append(train(c, parent_run_id=parent, tags={"member_of": parent}))
+        mlflow.set_tag(MEMBERS_TAG, ",".join(ids))
+    return parent
