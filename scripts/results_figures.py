@@ -2,7 +2,8 @@
 
     python scripts/results_figures.py RUN_ID --data ../shared/data/thyroid-seed --out docs/figures
 
-Exports the run's model to ONNX and scores its own test split (split.json of the run)
+Exports the run's model to ONNX (an ensemble parent: its members as one graph, as
+`thyroid-cad export` does) and scores its own test split (split.json of the run)
 through the service's scoring path (`service.inference.pipeline.score_bytes`: decoding, the
 bundled localiser's ROI for ROI models, onnxruntime), exactly as `/v1/predict` does
 for an image sent without a box. Writes `roc_by_source.png`, `heatmaps.png` and
@@ -25,7 +26,7 @@ from sklearn.metrics import roc_curve
 from registry import store
 from service.inference import models as serving
 from service.inference import pipeline as inference
-from training import evaluate, export, sources, tracking
+from training import ensemble, evaluate, export, sources, tracking
 from training.audit import inspect_all
 from training.data import scan
 
@@ -33,8 +34,8 @@ from training.data import scan
 def _score_test_split(run_id: str, root: Path, tmp: Path):
     import mlflow
 
-    card = export.export_run(run_id, tmp / "export")
-    source = export.model_run(run_id)
+    card = ensemble.export_runs([run_id], tmp / "export")
+    source = export.model_run(ensemble.member_runs([run_id])[0])  # members share the split
     split = json.loads(
         Path(
             mlflow.artifacts.download_artifacts(run_id=source, artifact_path="split.json")
