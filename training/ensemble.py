@@ -476,7 +476,7 @@ def export_combined(
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # the members' split files live here
         members = [load_member(r, f"{tmp}/{i}") for i, r in enumerate(run_ids)]
-        folds = {} if ensemble == ENSEMBLE_FOLDS else [fold_map(r) for r in run_ids]
+        folds = [] if ensemble == ENSEMBLE_FOLDS else [fold_map(r) for r in run_ids]
         return _export_members(members, out_dir, tta, weights, ensemble, folds, tmp)
 
 
