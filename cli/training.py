@@ -47,6 +47,14 @@ def _options(ctx: typer.Context, config: Path | None) -> dict:
         n for n in values if getattr(ctx.get_parameter_source(n), "name", None) not in defaulted
     }
     from_file = load_train_config(config)
+    for i, member in enumerate(from_file.get("members") or []):
+        clash = sorted(given & set(member))
+        if clash:
+            flag = "--" + clash[0].replace("_", "-")
+            raise ValueError(
+                f"{flag} is set by members[{i}] of {config}, which the command line cannot "
+                "override: edit the file"
+            )
     return {**values, **{k: v for k, v in from_file.items() if k not in given}}
 
 

@@ -324,6 +324,9 @@ def test_train_with_members_trains_an_ensemble_that_exports_as_one(
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
     assert [m["run_id"] for m in card["ensemble"]["members"]] == ids
     assert card["parity"]["passed"]
+    # a flag that a member sets itself is refused, not silently overridden
+    r = runner.invoke(app, ["train", "--config", str(config), "--backbone", "vgg16"])
+    assert r.exit_code != 0 and "--backbone is set by members[0]" in r.output
     # one member is not an ensemble; a progressive run cannot also have members
     config.write_text(f"data: {phantom_root}\nmembers: [{{epochs: 1}}]\n")
     r = runner.invoke(app, ["train", "--config", str(config)])
