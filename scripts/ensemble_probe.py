@@ -7,7 +7,8 @@ of a grid, on the split's train images and on every leave-one-source-out fold (t
 loso's folds, which never read the test split). For each pair of Cs it prints the
 combination's within-source validation AUCs, its LOSO AUCs (the two probes' probabilities
 averaged) and the validation robust score (the worst of them), by which
-configs/best.yaml's members were chosen. Nothing here reads a test image.
+configs/best.yaml's members were chosen. Test images are never scored (their features are
+computed with the rest, and no probe sees them).
 
     .venv/bin/python scripts/ensemble_probe.py --data ../shared/data/thyroid-seed \
         --mobilenetv2 ../shared/data/pretrained/tf2_mobilenet_v2_1.0_224_ptq.tflite \
