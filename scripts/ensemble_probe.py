@@ -26,19 +26,16 @@ from __future__ import annotations
 import argparse
 import itertools
 
+import feature_probe  # scripts/, beside this file: the split, folds and preparation
 import numpy as np
+from feature_probe import SIZE
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from thyroid_cad import imaging
-from training import loso, models, sources
-from training.audit import inspect_all
-from training.data import scan
-from training.splits import grouped_split
+from training import models, sources
 
-SIZE = 224
 GRID = {"mobilenetv2": (0.001, 0.003, 0.01), "squeezenet": (0.003, 0.01, 0.03)}
 
 
@@ -66,19 +63,10 @@ def main() -> None:
     ap.add_argument("--squeezenet", required=True, help="SqueezeNet v1.1 weights file")
     args = ap.parse_args()
 
-    dataset = scan(args.data)
-    infos = inspect_all(dataset)
-    src = sources.assign_sources(dataset, infos)
-    split = grouped_split(dataset, 0.15, 0.15, 0, infos)
-    idx = {s: split.indices(s) for s in ("train", "val", "test")}
+    dataset, src, idx, names, folds = feature_probe.seed0_folds(args.data)
     y = np.asarray(dataset.labels) == dataset.class_names.index("malignant")
-    names = sorted(set(src))
-    folds = {h: loso.holdout_indices(idx, src, h, split.groups) for h in names}
     images = np.stack(
-        [
-            imaging.prepare(imaging.to_rgb_array(imaging.open_image(r.path)), SIZE)
-            for r in dataset.records
-        ]
+        [feature_probe.prepared(r.path, "content-letterbox") for r in dataset.records]
     )
     feats = {
         "mobilenetv2": pooled("mobilenetv2", args.mobilenetv2, images),

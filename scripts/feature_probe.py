@@ -56,6 +56,19 @@ def prepared(path, how: str) -> np.ndarray:
     raise ValueError(how)
 
 
+def seed0_folds(data: str):
+    """(dataset, sources, split indices, source names, LOSO folds) of thyroid-seed's
+    split seed 0, as `thyroid-cad train` draws it (training.splits / training.loso)."""
+    dataset = scan(data)
+    infos = inspect_all(dataset)
+    src = sources.assign_sources(dataset, infos)
+    split = grouped_split(dataset, 0.15, 0.15, 0, infos)
+    idx = {s: split.indices(s) for s in ("train", "val", "test")}
+    names = sorted(set(src))
+    folds = {h: loso.holdout_indices(idx, src, h, split.groups) for h in names}
+    return dataset, src, idx, names, folds
+
+
 def extractor(weights: str) -> keras.Model:
     """The training backbone (weights imported as `thyroid-cad train` does), with mean
     and standard deviation pooling of every block output in LAYERS."""
@@ -113,15 +126,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
 
-    dataset = scan(args.data)
-    infos = inspect_all(dataset)
-    src = sources.assign_sources(dataset, infos)
-    split = grouped_split(dataset, 0.15, 0.15, 0, infos)
-    idx = {s: split.indices(s) for s in ("train", "val", "test")}
+    dataset, src, idx, names, folds = seed0_folds(args.data)
     labels = np.asarray(dataset.labels)
     positive = dataset.class_names.index("malignant")
-    names = sorted(set(src))
-    folds = {h: loso.holdout_indices(idx, src, h, split.groups) for h in names}
     model = extractor(args.weights)
     rows = []
     views = {prep: None for prep in args.prep}
