@@ -313,14 +313,22 @@ def _labelled(params: dict) -> tuple[Path, data_mod.Dataset]:
     return root, data_mod.scan(root, manifest if manifest not in (None, "", "None") else None)
 
 
-def _loso(folds: list[dict[str, str]], mix: list[float], tta: str, tmp: str) -> dict:
+def _loso(
+    folds: list[dict[str, str]],
+    mix: list[float],
+    tta: str,
+    tmp: str,
+    data: tuple[Path, data_mod.Dataset],
+) -> dict:
     """Leave-one-source-out metrics of the combination (training.loso's loso_auc_<s>
     keys): for every source that each member held out in a fold of its own, those fold
     models combined as the members are (same weights and views) and scored on the
-    fold's held-out images (its holdout.json). {} unless all members have the same folds.
+    fold's held-out images (its holdout.json), from `data` (_labelled: the members'
+    dataset, which their folds share). {} unless all members have the same folds.
     """
     if not folds or not folds[0] or any(set(f) != set(folds[0]) for f in folds):
         return {}
+    root, dataset = data
     metrics: dict[str, float] = {}
     for source in sorted(folds[0]):
         runs = [f[source] for f in folds]
@@ -330,7 +338,6 @@ def _loso(folds: list[dict[str, str]], mix: list[float], tta: str, tmp: str) -> 
         _check_compatible(fold_members)
         holdout = export._artifact(runs[0], "holdout.json", f"{tmp}/loso-{source}")
         held = ood.run_sides(None, holdout).get("test", [])
-        root, dataset = _labelled(fold_members[0].params)
         info = fold_members[0].info
         names = list(info["class_names"])
         label = {r.rel: names.index(r.label) for r in dataset.records}
@@ -356,12 +363,15 @@ def _loso(folds: list[dict[str, str]], mix: list[float], tta: str, tmp: str) -> 
     return metrics
 
 
-def _evaluate(session, first: Member, loso: dict) -> tuple[dict, float, np.ndarray | None]:
+def _evaluate(
+    session, first: Member, data: tuple[Path, data_mod.Dataset], loso: dict
+) -> tuple[dict, float, np.ndarray | None]:
     """(flat metrics like a training run's, threshold, validation OOD scores) of the
-    combined graph on the members' split: threshold on val, metrics on test, and the
-    combination's leave-one-source-out metrics `loso` (from _loso) in the robust scores."""
+    combined graph on the members' split (`data`, from _labelled): threshold on val,
+    metrics on test, and the combination's leave-one-source-out metrics `loso` (from
+    _loso) in the robust scores."""
     params, info = first.params, first.info
-    root, dataset = _labelled(params)
+    root, dataset = data
     sides = ood.run_sides(first.split_path, None)
     if not sides.get("val") or not sides.get("test"):
         raise ValueError(f"the members' split {first.split_path} has no validation or test images")
@@ -511,7 +521,9 @@ def _export_members(
     )
     parity = _parity(session, wrapper, parity_images, size)
     parity["image_source"] = where
-    metrics, threshold, val_scores = _evaluate(session, first, _loso(folds, mix, tta, tmp))
+    data = _labelled(first.params)
+    loso = _loso(folds, mix, tta, tmp, data)
+    metrics, threshold, val_scores = _evaluate(session, first, data, loso)
 
     block = {
         "tta": tta,
